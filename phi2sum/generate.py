@@ -1,0 +1,159 @@
+"""Generation: `Summarizer` loads the model once and summarizes batches of records with beam search.
+
+It is used as-is in local mode and as the Ray Data actor class (`map_batches` calls it with a dict of
+columns). Batches are sorted by prompt length to cut padding; only the new tokens are decoded and the text
+is cut at EOS, so a model that rambles past its summary is not rewarded (the seed notebook decoded the
+whole sequence and split on the template).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from phi2sum.config import Config, prompt_token_budget
+from phi2sum.model import load_for_inference
+from phi2sum.prompt import encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    prediction: str
+    prompt_tokens: int
+    generated_tokens: int
+    truncated: bool
+    padding_tokens: int  # pad tokens this document's batch row carried (to measure padding waste)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _avoid_bnb_inference_repack(model) -> None:
+    """bitsandbytes on CPUs with avx512_bf16 repacks 4-bit weights for inference, which breaks later training
+    forwards on the same model (see stack notes). Generation is fast enough without that layout."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+class Summarizer:
+    """Callable on a batch of records; `model`/`tokenizer` may be passed to reuse ones already loaded."""
+
+    def __init__(self, cfg: Config, adapter: str | None = None, model=None, tokenizer=None,
+                 batch_size: int | None = None):
+        self.cfg = cfg
+        if model is None:
+            model, tokenizer = load_for_inference(cfg, adapter)
+        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+        self.batch_size = batch_size or cfg.generation.batch_size or 8
+        self.max_prompt_tokens = prompt_token_budget(cfg)
+        self.device = next(model.parameters()).device
+        _avoid_bnb_inference_repack(model)
+
+    # -- core ----------------------------------------------------------------------------------------------
+
+    def summarize(self, documents: list[str], progress: bool = False) -> list[Summary]:
+        """Summaries in input order; internally batched longest-first so rows of a batch have similar lengths."""
+        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens)
+                   for d in documents]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+        results: list[Summary | None] = [None] * len(prompts)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bar = _progress(len(documents), progress)
+        for batch in batches:
+            for index, summary in zip(batch, self._generate([prompts[i] for i in batch])):
+                results[index] = summary
+            bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate(self, prompts) -> list[Summary]:
+        """One generate() call; on GPU out-of-memory the batch is split in two and retried, never dropped."""
+        try:
+            return self._generate_once(prompts)
+        except torch.cuda.OutOfMemoryError:
+            if len(prompts) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(prompts) // 2
+            log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(prompts), half,
+                        len(prompts) - half)
+            return self._generate(prompts[:half]) + self._generate(prompts[half:])
+
+    @torch.inference_mode()
+    def _generate_once(self, prompts) -> list[Summary]:
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        width = max(len(p.ids) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding
+            input_ids[row, width - len(p.ids):] = torch.tensor(p.ids)
+            attention[row, width - len(p.ids):] = 1
+        g = self.cfg.generation
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=g.max_new_tokens,
+            num_beams=g.num_beams,
+            length_penalty=g.length_penalty,
+            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            early_stopping=g.early_stopping if g.num_beams > 1 else False,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        new_tokens = output[:, width:].tolist()
+        summaries = []
+        for p, tokens in zip(prompts, new_tokens):
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            summaries.append(Summary(normalize(text), len(p.ids), len(tokens), p.truncated, width - len(p.ids)))
+        return summaries
+
+    # -- Ray Data interface --------------------------------------------------------------------------------
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """`{"id": [...], "document": [...], ...}` -> the same columns plus prediction and token counts."""
+        documents = [str(d) for d in batch["document"]]
+        started = time.time()
+        summaries = self.summarize(documents)
+        out = {key: list(values) for key, values in batch.items()}
+        out["prediction"] = [s.prediction for s in summaries]
+        out["prompt_tokens"] = [s.prompt_tokens for s in summaries]
+        out["generated_tokens"] = [s.generated_tokens for s in summaries]
+        out["truncated"] = [s.truncated for s in summaries]
+        out["padding_tokens"] = [s.padding_tokens for s in summaries]
+        log.debug("summarized %d documents in %.1fs", len(documents), time.time() - started)
+        return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="summarizing", unit="doc", disable=not enabled)
+
+
+def summarize_records(summarizer: Summarizer, records: Iterable[dict[str, str]], progress: bool = True):
+    """Local mode: summaries for records, as rows ready for predictions.parquet."""
+    records = list(records)
+    summaries = summarizer.summarize([r["document"] for r in records], progress=progress)
+    return [
+        {"id": r["id"], "document": r["document"], "reference": r.get("summary"), "prediction": s.prediction,
+         "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens, "truncated": s.truncated,
+         "padding_tokens": s.padding_tokens}
+        for r, s in zip(records, summaries)
+    ]

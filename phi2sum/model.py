@@ -1,0 +1,176 @@
+"""Model: the base LLM (4-bit NF4 when configured), its tokenizer, and LoRA adapters.
+
+One place decides device and dtype so training, generation and every Ray worker agree: fp16 on GPUs without
+bf16 (the T4), bf16 where supported, fp32 on CPU. Load failures become one-line `ModelError`s, e.g. when the
+hub cannot be reached or an adapter was made for another base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import torch
+
+from phi2sum import storage
+from phi2sum.config import Config
+from phi2sum.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.model.device != "auto":
+        if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"model.device={cfg.model.device} but no CUDA GPU is visible; use model.device=auto")
+        return torch.device(cfg.model.device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return _DTYPES[cfg.model.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32
+
+
+def resolve_model_path(base: str) -> str:
+    """A hub id or folder as given; `embedded:tiny-phi` is built (once, cached) on this machine."""
+    if base.startswith(EMBEDDED_PREFIX):
+        from phi2sum import embedded
+
+        if base != embedded.EMBEDDED_MODEL:
+            raise ModelError(f"unknown embedded model '{base}'; the only one is {embedded.EMBEDDED_MODEL}")
+        return embedded.tiny_model_path()
+    if base.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(base)):
+        raise ModelError(f"model path '{base}' does not exist; set model.base to a model folder or a hub id")
+    return os.path.expanduser(base)
+
+
+def _load_error(what: str, name: str, exc: Exception) -> ModelError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in reason.lower() or "connect" in reason.lower()
+    hint = ("it is not cached and the Hugging Face Hub could not be reached; download it with network first or set "
+            "model.base to a local folder") if offline else "check model.base (a hub id or a local folder)"
+    return ModelError(f"could not fetch {what} '{name}': {hint} ({reason})")
+
+
+def load_tokenizer(cfg: Config, padding_side: str = "right"):
+    """Phi-2 has no pad token: EOS pads. Generation needs left padding, training right."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model.base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision)
+    except Exception as exc:
+        raise _load_error("tokenizer", cfg.model.base, exc) from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer of '{cfg.model.base}' has no EOS token; summaries need one to end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_base_model(cfg: Config, device: torch.device | None = None, training: bool = False):
+    """The base causal LM on one device, quantized to 4-bit NF4 (double quant) when configured."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or resolve_device(cfg)
+    dtype = compute_dtype(cfg, device)
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation, "revision": cfg.model.revision}
+    if cfg.quantization.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}  # each (DDP) worker loads its own copy on its own device
+    path = resolve_model_path(cfg.model.base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _load_error("model", cfg.model.base, exc) from None
+    if not cfg.quantization.load_in_4bit:
+        model.to(device)
+    model.config.use_cache = not training  # the KV cache is useless (and warns) with gradient checkpointing
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def attach_lora(model, cfg: Config):
+    """Wrap the base model with fresh trainable LoRA adapters (QLoRA when the base is 4-bit)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant checkpointing breaks under DDP
+        )
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(f"LoRA could not attach ({str(exc).splitlines()[0][:200]}); check lora.target_modules "
+                         "against the model's module names") from None
+
+
+def fetch_adapter(uri: str) -> str:
+    """A local folder holding the PEFT adapter at `uri` (downloaded once when it is on S3)."""
+    if storage.is_s3(uri):
+        local = tempfile.mkdtemp(prefix="phi2sum-adapter-")
+        storage.download_dir(uri, local)
+        uri = local
+    uri = os.path.expanduser(uri)
+    if not os.path.isfile(os.path.join(uri, "adapter_config.json")):
+        raise ModelError(f"no PEFT adapter at '{uri}' (adapter_config.json missing); set model.adapter to the "
+                         "adapter/ folder of a run")
+    return uri
+
+
+def load_adapter(model, uri: str, cfg: Config):
+    """Attach a trained adapter for inference; a size mismatch means it was trained on another base model."""
+    from peft import PeftModel
+
+    path = fetch_adapter(uri)
+    try:
+        return PeftModel.from_pretrained(model, path, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            made_for = json.load(f).get("base_model_name_or_path")
+        raise ModelError(f"adapter '{uri}' does not fit base model '{cfg.model.base}' (it was made for "
+                         f"'{made_for}': {str(exc).splitlines()[0][:160]}); set model.base to the model it was "
+                         "trained on") from None
+
+
+def load_for_inference(cfg: Config, adapter: str | None = None, device: torch.device | None = None):
+    """Tokenizer (left padding) and the model in eval mode, with the adapter attached when one is given."""
+    tokenizer = load_tokenizer(cfg, padding_side="left")
+    model = load_base_model(cfg, device)
+    if adapter:
+        model = load_adapter(model, adapter, cfg)
+    model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked size, as PEFT reports them."""
+    trainable, total = model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters") else (
+        sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    return int(trainable), int(total)

@@ -1,0 +1,185 @@
+"""Training: QLoRA supervised fine-tuning with TRL's `SFTTrainer`.
+
+The examples are tokenized by `phi2sum.prompt` (document truncated, summary + EOS kept, loss mask on the
+summary) and handed to TRL already processed, so TRL's own truncation never cuts a summary. The same
+`train()` runs in local mode and inside every Ray Train worker; Ray adds its callbacks and a checkpoint to
+resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from phi2sum.config import Config
+from phi2sum.errors import DataError, TrainingError
+from phi2sum.model import attach_lora, compute_dtype, count_parameters, load_base_model, load_tokenizer, resolve_device
+from phi2sum.prompt import encode_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str  # local folder with the final PEFT adapter (and tokenizer)
+    log: list[dict[str, Any]]  # one row per logging step
+    steps: int
+    seconds: float
+    tokens: int  # non-padding tokens seen by this worker
+    trainable_params: int
+    total_params: int
+    examples: dict[str, int] = field(default_factory=dict)  # used / truncated / skipped_too_long
+    effective_batch: int = 0
+
+
+def tokenize_records(tokenizer, cfg: Config, records: list[dict[str, str]]):
+    """A `datasets.Dataset` of `input_ids` + `completion_mask`, plus counts of truncated and skipped examples."""
+    import datasets
+
+    rows, truncated, too_long = [], 0, 0
+    for record in records:
+        example = encode_example(tokenizer, cfg.prompt.template, record["document"], record["summary"],
+                                 cfg.prompt.max_length)
+        if example is None:
+            too_long += 1
+            continue
+        truncated += example["truncated"]
+        rows.append({"input_ids": example["input_ids"], "completion_mask": example["completion_mask"]})
+    if not rows:
+        raise DataError(f"no training example fits prompt.max_length={cfg.prompt.max_length} (every summary is "
+                        "too long); raise prompt.max_length")
+    if too_long:
+        log.warning("skipped %d example(s) whose summary alone exceeds prompt.max_length", too_long)
+    counts = {"used": len(rows), "truncated": int(truncated), "skipped_too_long": too_long}
+    return datasets.Dataset.from_list(rows), counts
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """With `train.keep_effective_batch`, scaling out divides accumulation so the effective batch stays put."""
+    if not cfg.train.keep_effective_batch or world_size == 1:
+        return cfg.train.grad_accum
+    if cfg.train.grad_accum % world_size:
+        raise TrainingError(f"train.grad_accum={cfg.train.grad_accum} is not divisible by {world_size} workers; "
+                            "pick a multiple or set train.keep_effective_batch=false")
+    return cfg.train.grad_accum // world_size
+
+
+class StepLog:
+    """A TrainerCallback keeping step, loss, learning rate, tokens and seconds, and stopping on a non-finite loss."""
+
+    def __init__(self, worker: int = 0):
+        from transformers import TrainerCallback
+
+        self.rows: list[dict[str, Any]] = []
+        self.worker = worker
+        self.start = time.time()
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.start = time.time()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                outer.record(state, logs or {})
+
+        self.callback = _Callback()
+
+    def record(self, state, logs: dict[str, Any]) -> None:
+        if "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise TrainingError(f"training loss became {loss} at step {state.global_step}; with fp16 (e.g. on a T4) "
+                                "lower train.learning_rate or train.max_grad_norm, or set model.dtype=float32")
+        self.rows.append({
+            "worker": self.worker,
+            "step": int(state.global_step),
+            "epoch": float(state.epoch or 0.0),
+            "loss": loss,
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else float("nan"),
+            "tokens": int(state.num_input_tokens_seen),
+            "seconds": round(time.time() - self.start, 3),
+        })
+
+
+def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: int = 1, **extra):
+    """TRL's SFTConfig from our config; every default that matters is set explicitly (TRL's differ)."""
+    from trl import SFTConfig
+
+    dtype = compute_dtype(cfg, device)
+    t = cfg.train
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        fp16=device.type == "cuda" and dtype == torch.float16,
+        bf16=device.type == "cuda" and dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
+        max_length=cfg.prompt.max_length,
+        completion_only_loss=True,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_pin_memory=device.type == "cuda",
+        disable_tqdm=extra.pop("disable_tqdm", False),
+        **extra,
+    )
+
+
+def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
+          callbacks: tuple = (), resume_from_checkpoint: str | bool | None = None, world_size: int = 1,
+          worker: int = 0, adapter_dir: str | None = None, **sft_overrides) -> TrainResult:
+    """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`."""
+    from trl import SFTTrainer
+
+    device = device or resolve_device(cfg)
+    tokenizer = load_tokenizer(cfg, padding_side="right")
+    dataset, counts = tokenize_records(tokenizer, cfg, records)
+    model = attach_lora(load_base_model(cfg, device, training=True), cfg)
+    trainable, total = count_parameters(model)
+    args = sft_config(cfg, output_dir, device, world_size, **sft_overrides)
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    log.info("training %d examples on %s: %s trainable of %s parameters (%.2f%%), effective batch %d "
+             "(%d per device x %d accumulation x %d worker(s))", len(dataset), device, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / max(total, 1), effective, args.per_device_train_batch_size,
+             args.gradient_accumulation_steps, world_size)
+    steps = StepLog(worker)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[steps.callback, *callbacks])
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    seconds = time.time() - started
+    adapter_dir = adapter_dir or os.path.join(output_dir, "adapter")
+    if trainer.is_world_process_zero():
+        trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
+        tokenizer.save_pretrained(adapter_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir, log=steps.rows, steps=int(trainer.state.global_step), seconds=seconds,
+        tokens=int(trainer.state.num_input_tokens_seen), trainable_params=trainable, total_params=total,
+        examples=counts, effective_batch=effective,
+    )

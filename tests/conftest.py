@@ -1,0 +1,53 @@
+# Shared pytest fixtures for the phi2sum tests. The S3 fixtures come first; other fixtures will be added below.
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).resolve().parent
+for _path in (str(_TESTS), str(_TESTS.parent)):  # `import s3_server` and `import phi2sum` under bare `pytest`
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from s3_server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, MotoServer  # noqa: E402
+
+
+def _clear_storage_cache() -> None:
+    storage = sys.modules.get("phi2sum.storage")
+    if storage is not None:
+        storage.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real moto S3 server process for the whole session; yields it (`.endpoint` is its http URL)."""
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the AWS environment at the moto server, create a fresh bucket and yield ``s3://<bucket>``."""
+    import boto3
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _clear_storage_cache()  # no client/filesystem built for another endpoint survives into this test
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    yield f"s3://{bucket}"
+    _clear_storage_cache()

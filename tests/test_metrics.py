@@ -1,0 +1,52 @@
+"""ROUGE against values worked out by hand, and the bootstrap interval's shape."""
+
+import pytest
+
+from phi2sum.metrics import ROUGE_TYPES, aggregate, rouge, score_examples
+
+
+def test_rouge_by_hand():
+    # reference: "the cat sat on the mat" (6 tokens), prediction: "the cat lay on a mat" (6 tokens)
+    # unigram overlap: the, cat, on, mat = 4 -> P = R = 4/6 -> F1 = 0.6667
+    # bigram overlap: "the cat" only = 1 of 5 -> F1 = 0.2
+    # LCS: the cat on mat = 4 -> F1 = 0.6667
+    [row] = score_examples(["the cat lay on a mat"], ["the cat sat on the mat"])
+    assert row["rouge1"] == pytest.approx(4 / 6)
+    assert row["rouge2"] == pytest.approx(1 / 5)
+    assert row["rougeL"] == pytest.approx(4 / 6)
+
+
+def test_stemming_is_on():
+    [row] = score_examples(["cats running"], ["cat runs"])
+    assert row["rouge1"] == pytest.approx(1.0)
+
+
+def test_empty_prediction_scores_zero():
+    [row] = score_examples([""], ["something here"])
+    assert all(row[name] == 0.0 for name in ROUGE_TYPES)
+
+
+def test_rougelsum_uses_sentences():
+    # Two sentences in different order: LCS over the whole text is short, summary-level LCS finds both.
+    reference = "alpha beta gamma. delta epsilon zeta."
+    prediction = "delta epsilon zeta. alpha beta gamma."
+    [row] = score_examples([prediction], [reference])
+    assert row["rougeLsum"] > row["rougeL"]
+    assert row["rougeLsum"] == pytest.approx(1.0)
+
+
+def test_aggregate_mean_and_interval():
+    per_example = [{name: v for name in ROUGE_TYPES} for v in (0.0, 0.5, 1.0, 0.5)]
+    result = aggregate(per_example, seed=1)
+    assert result["count"] == 4
+    for name in ROUGE_TYPES:
+        m = result[name]
+        assert m["mean"] == pytest.approx(0.5)
+        assert 0.0 <= m["low"] <= m["mean"] <= m["high"] <= 1.0
+        assert m["high"] - m["low"] > 0.1
+    assert aggregate(per_example, seed=1) == result  # seeded: the same numbers every time
+
+
+def test_rouge_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        rouge(["a"], ["a", "b"])
