@@ -60,7 +60,7 @@ def cmd_summarize(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from phi2sum import storage
-    from phi2sum.pipeline import evaluate_predictions
+    from phi2sum.evaluate import evaluate_predictions
 
     predictions = args.predictions
     if not predictions.endswith(".parquet"):

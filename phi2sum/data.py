@@ -287,10 +287,18 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None, require_su
     return Split(records, stats)
 
 
+def _same_file(cfg: DataConfig) -> bool:
+    return is_file_source(cfg.source) and split_source(cfg, cfg.train_split) == split_source(cfg, cfg.eval_split)
+
+
+def load_train(cfg: DataConfig) -> Split:
+    """The training split; when train and eval come from the same file, the eval records are held out."""
+    exclude = {r["id"] for r in load_split(cfg, cfg.eval_split, cfg.num_eval).records} if _same_file(cfg) else None
+    return load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=exclude)
+
+
 def load_train_eval(cfg: DataConfig) -> tuple[Split, Split]:
     """Train and eval splits; when both come from the same file, eval is held out from it (disjoint ids)."""
-    same_file = is_file_source(cfg.source) and split_source(cfg, cfg.train_split) == split_source(cfg, cfg.eval_split)
     eval_split = load_split(cfg, cfg.eval_split, cfg.num_eval)
-    exclude = {r["id"] for r in eval_split.records} if same_file else None
-    train_split = load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=exclude)
-    return train_split, eval_split
+    exclude = {r["id"] for r in eval_split.records} if _same_file(cfg) else None
+    return load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=exclude), eval_split

@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from phi2sum import storage
 from phi2sum.config import Config
-from phi2sum.errors import Phi2SumError
 
 log = logging.getLogger(__name__)
 
@@ -141,28 +140,6 @@ def summarize_stage(run: Run, records: list[dict[str, str]], summarizer, name: s
     }
 
 
-def evaluate_predictions(predictions_uri: str, metrics_uri: str, seed: int = 0) -> dict[str, Any]:
-    """Score predictions that carry references: adds per-example ROUGE columns and writes metrics.json."""
-    from phi2sum.metrics import ROUGE_TYPES, rouge
-
-    table = storage.read_parquet(predictions_uri)
-    table = table.drop_columns([c for c in ROUGE_TYPES if c in table.column_names])
-    if "reference" not in table.column_names:
-        raise Phi2SumError(f"{predictions_uri} has no 'reference' column to score against; summarize a dataset "
-                           "with summaries, or join references first")
-    rows = table.to_pylist()
-    scored = [r for r in rows if r.get("reference")]
-    metrics, per_example = rouge([r["prediction"] or "" for r in scored], [r["reference"] for r in scored], seed)
-    by_id = {r["id"]: s for r, s in zip(scored, per_example)}
-    for name in ROUGE_TYPES:
-        table = table.append_column(name, pa.array([by_id.get(i, {}).get(name) for i in table.column("id").to_pylist()],
-                                                   pa.float64()))
-    metrics["unscored"] = len(rows) - len(scored)
-    storage.write_parquet(table, predictions_uri)
-    storage.write_json(metrics_uri, metrics)
-    return metrics
-
-
 # --- the whole job -------------------------------------------------------------------------------------------
 
 
@@ -189,6 +166,8 @@ def run_local(cfg: Config, stages: tuple[str, ...] = ("train", "summarize", "eva
             run.adapter_uri if run.has("adapter", "adapter_config.json") else None))
         timings["summarize"] = round(time.time() - started, 2)
     if "evaluate" in stages:
+        from phi2sum.evaluate import evaluate_predictions
+
         started = time.time()
         for prefix in ("baseline/", ""):
             if run.has(f"{prefix}predictions.parquet"):

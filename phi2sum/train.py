@@ -19,6 +19,7 @@ import torch
 
 from phi2sum.config import Config
 from phi2sum.errors import DataError, TrainingError
+from phi2sum.faults import maybe_fail
 from phi2sum.model import attach_lora, compute_dtype, count_parameters, load_base_model, load_tokenizer, resolve_device
 from phi2sum.prompt import encode_example
 
@@ -79,14 +80,19 @@ class StepLog:
         self.rows: list[dict[str, Any]] = []
         self.worker = worker
         self.start = time.time()
+        self.offset = 0.0  # seconds already spent before a resume
         outer = self
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
                 outer.start = time.time()
+                outer.offset = outer.rows[-1]["seconds"] if outer.rows else 0.0
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 outer.record(state, logs or {})
+
+            def on_step_end(self, args, state, control, **kwargs):
+                maybe_fail("train_step", state.global_step)  # test-only fault injection; a no-op otherwise
 
         self.callback = _Callback()
 
@@ -105,7 +111,7 @@ class StepLog:
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else float("nan"),
             "tokens": int(state.num_input_tokens_seen),
-            "seconds": round(time.time() - self.start, 3),
+            "seconds": round(self.offset + time.time() - self.start, 3),
         })
 
 
@@ -153,7 +159,8 @@ def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: i
 
 def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
           callbacks: tuple = (), resume_from_checkpoint: str | bool | None = None, world_size: int = 1,
-          worker: int = 0, adapter_dir: str | None = None, **sft_overrides) -> TrainResult:
+          worker: int = 0, adapter_dir: str | None = None, step_log: StepLog | None = None,
+          **sft_overrides) -> TrainResult:
     """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`."""
     from trl import SFTTrainer
 
@@ -168,7 +175,7 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device
              "(%d per device x %d accumulation x %d worker(s))", len(dataset), device, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1), effective, args.per_device_train_batch_size,
              args.gradient_accumulation_steps, world_size)
-    steps = StepLog(worker)
+    steps = step_log or StepLog(worker)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[steps.callback, *callbacks])
     started = time.time()

@@ -51,3 +51,37 @@ def s3_env(s3_server, monkeypatch):
     )
     yield f"s3://{bucket}"
     _clear_storage_cache()
+
+
+# --- a real tiny run, shared by the tests that read a run's outputs ------------------------------------------
+
+# Short enough for CI, long enough that fine-tuning clearly beats the base model (see test_learning.py).
+TINY_RUN_OVERRIDES = ["run.name=tiny", "run.baseline=true", "data.num_eval=40"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real QLoRA run of the embedded tiny model (train, baseline + fine-tuned summaries, ROUGE), local.
+
+    Yields the `phi2sum.pipeline.Run`; `run.uri` is the run folder. Session-scoped: built once, read by many.
+    """
+    from phi2sum.config import load_config
+    from phi2sum.pipeline import run_local
+
+    out = tmp_path_factory.mktemp("runs")
+    return run_local(load_config("tiny-cpu", [f"storage.output={out}", *TINY_RUN_OVERRIDES]))
+
+
+# --- a real Ray head -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 (2 CPUs, dashboard on) for the session; `ray stop` afterwards."""
+    from ray_cluster import RayHead
+
+    head = RayHead().start()
+    try:
+        yield head
+    finally:
+        head.stop()

@@ -1,0 +1,269 @@
+"""GPU check: measure QLoRA training and beam-search speed and memory for Phi-2 on this GPU, with no network.
+
+Why: the memory planner (`phi2sum plan`) estimates; this measures, on the card a run will use, with the seed
+recipe's code path (4-bit NF4 double-quant base, `phi2sum.model.attach_lora`, paged 8-bit AdamW, autocast).
+The weights are random (a PhiForCausalLM built from Phi-2's config.json, saved in the compute dtype, reloaded
+in 4 bits): speed and memory do not depend on their values, so nothing is downloaded.
+
+Phases: training at the seed's setting (micro-batch 1 x grad-accum 8) and at a tuned one (a larger micro-batch,
+same effective batch), then batched beam search as the summarize job runs it (base + adapter). For each: tokens
+per second, MFU against the card's peak (plan.GPUS), peak `torch.cuda.max_memory_allocated` next to the
+planner's estimate of the same. Writes JSON (`--out`).
+
+    python -m jobs.gpu_check                          # full Phi-2, 20 optimizer steps per training phase
+    python -m jobs.gpu_check --layers 4 --steps 5     # a short check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REFUSAL = "gpu_check: no CUDA GPU visible; this check measures GPU speed and memory — run it on a GPU machine"
+SEED_CONFIG = Path(__file__).resolve().parent / "configs" / "phi2-xsum-t4.yaml"
+WARMUP_STEPS = 2  # untimed optimizer steps first: kernel loading, autotuning, the optimizer's paged buffers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-config", default=None,
+                   help="a Phi config.json to build the random model from (default: Phi-2's numbers in plan.py)")
+    p.add_argument("--layers", type=int, default=None, help="keep only this many decoder layers (a shorter check)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training phase")
+    p.add_argument("--tuned-batch", type=int, default=4,
+                   help="micro-batch of the tuned training phase (grad-accum shrinks to keep the effective batch)")
+    p.add_argument("--out", default="gpu_check.json", help="where to write the results as JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides of jobs/configs/phi2-xsum-t4.yaml (e.g. model.attn_implementation=eager)")
+    args = p.parse_args(argv)
+    for name in ("layers", "steps", "tuned_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def model_config_dict(model_config: str | None, layers: int | None) -> dict[str, Any]:
+    """The config.json to build: a given file or Phi-2's bundled numbers, cut to `layers` decoder layers."""
+    from phi2sum.errors import ConfigError
+    from phi2sum.plan import PHI2_ARCHITECTURE
+
+    data = dict(PHI2_ARCHITECTURE)
+    if model_config:
+        try:
+            data = json.loads(Path(model_config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--model-config {model_config}: cannot read it ({exc})") from None
+    if layers:
+        data["num_hidden_layers"] = min(layers, data["num_hidden_layers"])
+    return data
+
+
+def tuned_accumulation(seed_batch: int, seed_accum: int, tuned_batch: int) -> int:
+    """Gradient accumulation that keeps the seed's effective batch (at least 1 step)."""
+    return max(1, seed_batch * seed_accum // tuned_batch)
+
+
+def measured_mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float | None:
+    """MFU against the table's peak for this card; None for a card the table does not list."""
+    from phi2sum.plan import find_gpu, mfu
+
+    gpu = find_gpu(device_name)
+    return None if gpu is None else mfu(tokens_per_s, flops_per_token, gpu.peak_tflops)
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated()
+
+
+def save_random_model(config_dict: dict[str, Any], folder: str, dtype: torch.dtype) -> None:
+    """Build a randomly initialised Phi on the GPU in the compute dtype (fast, and never fp32-sized) and save it."""
+    from transformers import AutoConfig, PhiForCausalLM
+
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("cuda"):
+        model = PhiForCausalLM._from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    _reset_peak()
+
+
+def train_phase(model, cfg, micro_batch: int, accum: int, steps: int, vocab: int) -> dict[str, Any]:
+    """`steps` timed optimizer steps of `accum` micro-batches of random tokens, as the seed recipe trains."""
+    import bitsandbytes as bnb
+
+    from phi2sum.model import compute_dtype
+
+    dtype = compute_dtype(cfg, torch.device("cuda"))
+    seq = cfg.prompt.max_length
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.train.learning_rate)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    model.train()
+    _reset_peak()
+    loss = torch.zeros(())
+    for step in range(WARMUP_STEPS + steps):
+        if step == WARMUP_STEPS:
+            _sync()
+            started = time.perf_counter()
+        for _ in range(accum):
+            ids = torch.randint(vocab, (micro_batch, seq), device="cuda")
+            with torch.autocast("cuda", dtype=dtype):
+                loss = model(input_ids=ids, labels=ids).loss / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync()
+    seconds = time.perf_counter() - started
+    del optimizer
+    return {"steps": steps, "seconds": seconds, "tokens_per_s": steps * accum * micro_batch * seq / seconds,
+            "last_loss": loss.item() * accum, "peak_allocated_bytes": _peak()}
+
+
+def generation_setting(cfg) -> dict[str, int]:
+    """The beam search the summarize job runs: documents per call, beams, prompt and summary tokens."""
+    from phi2sum.config import prompt_token_budget
+    from phi2sum.plan import generation_batch_size
+
+    g = cfg.generation
+    return {"batch": g.batch_size or generation_batch_size(cfg), "num_beams": g.num_beams, "prompt_tokens": prompt_token_budget(cfg),
+            "new_tokens": g.max_new_tokens}
+
+
+def generate_phase(model, cfg, vocab: int) -> dict[str, Any]:
+    """One batched beam search over random prompts at the config's generation settings, after a short warm-up."""
+    g = cfg.generation
+    setting = generation_setting(cfg)
+    batch = setting["batch"]
+    ids = torch.randint(vocab, (batch, setting["prompt_tokens"]), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), num_beams=g.num_beams, length_penalty=g.length_penalty,
+                  no_repeat_ngram_size=g.no_repeat_ngram_size, early_stopping=g.early_stopping, do_sample=False,
+                  use_cache=True)
+    model.eval()
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, **kwargs)
+        _reset_peak()
+        _sync()
+        started = time.perf_counter()
+        # min_new_tokens: random weights may emit EOS at any step; every run generates exactly max_new_tokens
+        model.generate(ids, max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens, **kwargs)
+        _sync()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens_per_s": batch * g.max_new_tokens / seconds,
+            "peak_allocated_bytes": _peak()}
+
+
+def _guarded(phase):
+    """Run a phase; running out of memory is a result to report, not a crash that loses the other phases."""
+    try:
+        return phase()
+    except torch.cuda.OutOfMemoryError as exc:
+        error = f"out of memory: {str(exc).splitlines()[0][:200]}"
+    _reset_peak()  # outside the except block: the exception's frames no longer hold the phase's tensors
+    return {"error": error}
+
+
+def run_check(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from phi2sum import plan
+    from phi2sum.config import load_config
+    from phi2sum.model import attach_lora, compute_dtype, load_adapter, load_base_model
+
+    config_dict = model_config_dict(args.model_config, args.layers)
+    shape = plan.ModelShape.from_config(AutoConfig.for_model(**config_dict))
+    device_name = torch.cuda.get_device_name()
+    results: dict[str, Any] = {"device": device_name, "gpu": getattr(plan.find_gpu(device_name), "name", None),
+                               "layers": shape.num_layers, "parameters": shape.num_parameters(), "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="phi2sum-gpu-check-") as tmp:
+        base, adapter = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
+        cfg = load_config(SEED_CONFIG, [f"model.base={base}", "ray.num_workers=1", *args.overrides])
+        save_random_model(config_dict, base, compute_dtype(cfg, torch.device("cuda")))
+        model = attach_lora(load_base_model(cfg, training=True), cfg)
+        t = cfg.train
+        settings = {"train-seed": (t.batch_size, t.grad_accum),
+                    "train-tuned": (args.tuned_batch, tuned_accumulation(t.batch_size, t.grad_accum, args.tuned_batch))}
+        for name, (micro, accum) in settings.items():
+            result = {"micro_batch": micro, "grad_accum": accum, "seq_len": cfg.prompt.max_length,
+                      **_guarded(lambda: train_phase(model, cfg, micro, accum, args.steps, shape.vocab_size))}
+            flops = plan.train_flops_per_token(shape, cfg.prompt.max_length, cfg.model.gradient_checkpointing)
+            result["mfu"] = measured_mfu(result["tokens_per_s"], flops, device_name) if "error" not in result else None
+            result["planned_allocated_bytes"] = plan.train_memory(shape, cfg, micro).allocated
+            results["phases"][name] = result
+        model.save_pretrained(adapter)
+        del model
+        _reset_peak()
+        model = load_adapter(load_base_model(cfg), adapter, cfg)  # as the summarize job loads it
+        setting = generation_setting(cfg)
+        result = {**setting, **_guarded(lambda: generate_phase(model, cfg, shape.vocab_size))}
+        result["planned_allocated_bytes"] = plan.generation_memory(shape, cfg, setting["batch"]).allocated
+        results["phases"]["generate"] = result
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """One line per phase: setting, tokens/s, MFU, measured peak memory and the planner's estimate."""
+    gib = 1024**3
+    lines = [f"gpu_check on {results['device']} ({results['layers']} layers, {results['parameters']:,} parameters)",
+             f"{'phase':<12} {'setting':<34} {'tokens/s':>9} {'MFU':>6} {'peak mem':>10} {'planned':>10}"]
+    for name, r in results["phases"].items():
+        if name == "generate":
+            setting = f"{r['batch']} x {r['num_beams']} beams, {r['prompt_tokens']}+{r['new_tokens']} tok"
+        else:
+            setting = f"micro {r['micro_batch']} x accum {r['grad_accum']} x {r['seq_len']} tok"
+        planned = f"{r['planned_allocated_bytes'] / gib:.2f} GiB"
+        if "error" in r:
+            lines.append(f"{name:<12} {setting:<34} {r['error']}  (planned {planned})")
+            continue
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"{name:<12} {setting:<34} {r['tokens_per_s']:>9,.0f} {mfu:>6} "
+                     f"{r['peak_allocated_bytes'] / gib:>6.2f} GiB {planned:>10}")
+    lines.append("generate tokens/s counts summary tokens; MFU counts the FLOPs training executes (plan.py)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(REFUSAL, file=sys.stderr)
+        return 2
+    from jobs._entry import run_job
+
+    def body() -> None:
+        results = run_check(args)
+        print(format_table(results))
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"results: {args.out}")
+
+    return run_job("gpu_check", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Batch summarization with Ray Data: records stream through an actor pool of `Summarizer`s.
+
+Exactly once, whatever fails: every actor writes each batch it finishes as one Parquet part, atomically,
+straight to the output (`<output>/shard-<i>-of-<n>/part-<hash of its ids>.parquet`); a rerun skips the ids
+already committed, and the driver writes `_SUCCESS.json` only when every id of the shard is in exactly one
+part. So a killed actor (Ray restarts it and retries the batch), a crashed driver (resubmit: only what is
+missing is done) and a rerun of a finished shard (nothing is done) all end with every id once.
+Sharding is by a stable hash of the id, so an id always lands in the same shard and shards are disjoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from phi2sum import storage
+from phi2sum.config import Config
+from phi2sum.data import column_map, is_file_source, split_source, validate_records, DataStats
+from phi2sum.errors import DataError, Phi2SumError
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS.json"
+_HASH_SPACE = 2**32
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard:
+        """`"3/8"` -> Shard(3, 8); None -> the whole dataset."""
+        if not text:
+            return cls(0, 1)
+        try:
+            index, count = (int(x) for x in str(text).split("/"))
+        except ValueError:
+            raise DataError(f"shard '{text}' must look like i/n, e.g. shard=3/8") from None
+        if count < 1 or not 0 <= index < count:
+            raise DataError(f"shard '{text}': need 0 <= i < n (shards are numbered from 0), e.g. shard=0/{max(count, 1)}")
+        return cls(index, count)
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def owns(self, record_id: str) -> bool:
+        digest = hashlib.sha1(record_id.encode("utf-8")).digest()
+        return int.from_bytes(digest[:4], "big") % self.count == self.index
+
+
+def part_name(ids: list[str]) -> str:
+    """Deterministic in the batch's ids: a retried batch overwrites its own part instead of adding one."""
+    return "part-" + hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:20] + ".parquet"
+
+
+# --- the pieces that run in Ray Data tasks and actors ---------------------------------------------------------
+
+
+def prepare_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str], shard: Shard,
+                  done: set[str]) -> dict[str, list]:
+    """Map source columns, validate as in local mode, keep this shard's ids and drop ids already committed."""
+    from phi2sum.config import DataConfig
+
+    cfg = DataConfig(**data_cfg)
+    n = len(next(iter(batch.values()))) if batch else 0
+    rows = [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
+    good = validate_records(rows, cfg, DataStats(source=cfg.source), require_summary=False)
+    good = [r for r in good if shard.owns(r["id"]) and r["id"] not in done]
+    columns = ["id", "document", *(["summary"] if "summary" in mapping else [])]
+    return {c: [r.get(c) for r in good] for c in columns}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from Ray batches -> Python values, so validation sees str/None as in local mode."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+class SummarizeActor:
+    """One model replica; summarizes a batch and commits it as one Parquet part before returning."""
+
+    def __init__(self, cfg_dict: dict, out_dir: str, threads: int | None = None):
+        import torch
+
+        from phi2sum.config import config_from_dict
+        from phi2sum.generate import Summarizer
+
+        if threads:
+            torch.set_num_threads(threads)  # CPU actors: one thread each, or they fight over the cores
+        self.cfg = config_from_dict(cfg_dict)
+        self.out_dir = out_dir
+        self.summarizer = Summarizer(self.cfg, adapter=self.cfg.model.adapter)
+        self.batches = 0
+        self.identity = json.dumps({"base": self.cfg.model.base, "adapter": self.cfg.model.adapter,
+                                    "generation": vars(self.cfg.generation)}, sort_keys=True)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from phi2sum.faults import maybe_fail
+
+        ids = [str(i) for i in batch["id"]]
+        if not ids:
+            return {"part": [], "rows": []}
+        self.batches += 1
+        maybe_fail("summarize_batch", self.batches)  # test-only fault injection; a no-op otherwise
+        started = time.time()
+        out = self.summarizer({k: list(v) for k, v in batch.items()})
+        table = pa.table({
+            "id": ids,
+            "reference": [str(s) if s is not None else None for s in out["summary"]] if "summary" in out
+            else pa.nulls(len(ids), pa.string()),
+            "prediction": out["prediction"],
+            "prompt_tokens": out["prompt_tokens"],
+            "generated_tokens": out["generated_tokens"],
+            "truncated": out["truncated"],
+            "padding_tokens": out["padding_tokens"],
+            "model": [self.identity] * len(ids),
+            "seconds": [round(time.time() - started, 3)] * len(ids),
+        })
+        name = part_name(ids)
+        storage.write_parquet(table, storage.join(self.out_dir, name))  # atomic: whole part or nothing
+        return {"part": [name], "rows": [len(ids)]}
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
+
+
+def read_dataset(cfg: Config):
+    """A Ray Dataset of the source (files stream from local or S3; hub and embedded data are loaded first)."""
+    import ray.data
+
+    from phi2sum.data import read_raw
+
+    source = split_source(cfg.data, cfg.data.eval_split)
+    if is_file_source(source) and not source.startswith("embedded:"):
+        fs, path = storage.filesystem(source)
+        if not storage.exists(source):
+            raise DataError(f"data source '{source}' does not exist; check data.source")
+        readers = {".parquet": ray.data.read_parquet, ".csv": ray.data.read_csv, ".jsonl": ray.data.read_json,
+                   ".json": ray.data.read_json}
+        suffix = next((s for s in readers if source.endswith(s)), None)
+        if suffix is None:  # a folder: its files' suffix decides
+            files = [f for f in storage.list_files(source) if f.endswith(tuple(readers))]
+            if not files:
+                raise DataError(f"no .parquet, .jsonl or .csv files under '{source}'")
+            suffix = next(s for s in readers if files[0].endswith(s))
+        return readers[suffix](path, filesystem=fs)
+    raw = read_raw(source, cfg.data.eval_split)
+    return ray.data.from_arrow(raw) if isinstance(raw, pa.Table) else ray.data.from_items(raw)
+
+
+def committed(out_dir: str) -> dict[str, list[str]]:
+    """part name -> ids, for the parts already in the output."""
+    parts = {}
+    for uri in storage.list_files(out_dir):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            parts[name] = [str(i) for i in storage.read_parquet(uri).column("id").to_pylist()]
+    return parts
+
+
+def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
+    """Summarize this shard of `data.source` into `<output>/<shard>/`; returns the `_SUCCESS.json` content."""
+    import ray
+    import ray.data
+
+    from phi2sum.ray_train import init_ray
+
+    out_dir = storage.join(output, shard.name)
+    if storage.exists(storage.join(out_dir, SUCCESS)):
+        done = storage.read_json(storage.join(out_dir, SUCCESS))
+        log.info("%s is already complete (%d rows); nothing to do", out_dir, done["rows"])
+        return done
+    init_ray(cfg)
+    started = time.time()
+    ds = read_dataset(cfg)
+    mapping = column_map(ds.columns(), cfg.data.columns, require_summary=False, source=cfg.data.source)
+    ids = [str(r[mapping["id"]]) for r in ds.select_columns([mapping["id"]]).take_all()
+           if r[mapping["id"]] is not None]
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    if dupes:
+        raise DataError(f"{cfg.data.source}: {len(dupes)} duplicate id(s), e.g. {dupes[0]!r}; ids must be unique")
+    wanted = {i for i in ids if shard.owns(i)}
+    before = committed(out_dir)
+    done = {i for part_ids in before.values() for i in part_ids}
+    log.info("%s: %d of %d ids in this shard, %d already committed", shard.name, len(wanted), len(ids),
+             len(done & wanted))
+
+    gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    batch_size = cfg.generation.batch_size or _planned_batch_size(cfg, gpu)
+    actor_resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.ray.actor_cpus}
+    prepared = ds.map_batches(prepare_batch, fn_args=(vars(cfg.data), mapping, shard, done), batch_size=256,
+                              num_cpus=0.25)
+    results = prepared.map_batches(
+        SummarizeActor, fn_constructor_args=(cfg.to_dict(), out_dir, None if gpu else 1),
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors), **actor_resources)
+    written = 0
+    for batch in results.iter_batches(batch_size=None):  # streaming: parts are committed as batches finish
+        written += int(sum(batch["rows"]))
+    return finalize(out_dir, wanted, shard, cfg, time.time() - started, written)
+
+
+def _planned_batch_size(cfg: Config, gpu: bool) -> int:
+    try:
+        from phi2sum.plan import generation_batch_size
+    except ImportError:  # pragma: no cover
+        return 8
+    return generation_batch_size(cfg) if gpu else 8
+
+
+def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds: float, written: int) -> dict:
+    """Check every id of the shard is committed exactly once, mend a retry's duplicates, write _SUCCESS.json."""
+    parts = committed(out_dir)
+    seen: dict[str, str] = {}
+    for name in sorted(parts):
+        dupes = [i for i in parts[name] if i in seen]
+        if dupes:  # a batch retried with different neighbours: keep the first part's row, rewrite this part
+            table = storage.read_parquet(storage.join(out_dir, name))
+            keep = pa.array([i not in seen for i in table.column("id").to_pylist()])
+            storage.write_parquet(table.filter(keep), storage.join(out_dir, name))
+            log.warning("removed %d duplicate row(s) from %s (a retried batch)", len(dupes), name)
+        for i in parts[name]:
+            seen.setdefault(i, name)
+    missing = wanted - set(seen)
+    if missing:
+        raise Phi2SumError(f"{out_dir}: {len(missing)} id(s) of {shard.name} have no summary (e.g. "
+                           f"{sorted(missing)[0]!r}); rerun the same command to complete them")
+    extra = set(seen) - wanted
+    if extra:
+        raise Phi2SumError(f"{out_dir} holds {len(extra)} id(s) that are not in this shard of {cfg.data.source} "
+                           "(another dataset's output?); choose another output location")
+    success = {"rows": len(seen), "parts": len(parts), "shard": shard.name, "source": cfg.data.source,
+               "model": cfg.model.base, "adapter": cfg.model.adapter, "seconds_this_attempt": round(seconds, 2),
+               "rows_this_attempt": written}
+    storage.write_json(storage.join(out_dir, SUCCESS), success)
+    log.info("%s complete: %d rows in %d parts", out_dir, len(seen), len(parts))
+    return success
+
+
+# --- evaluation of a (sharded) output ------------------------------------------------------------------------
+
+
+def read_predictions(output: str) -> pa.Table:
+    """All shards' parts of an output as one table; refuses missing or incomplete shards and duplicate ids."""
+    shards = sorted({uri.split("/")[-2] for uri in storage.list_files(output)
+                     if uri.split("/")[-2].startswith("shard-")})
+    if not shards:
+        raise Phi2SumError(f"no shard folders (shard-i-of-n) under '{output}'; point predictions= at a summarize "
+                           "job's output")
+    counts = {int(s.split("-of-")[1]) for s in shards}
+    if len(counts) != 1:
+        raise Phi2SumError(f"{output} mixes shard counts {sorted(counts)}; evaluate one sharding at a time")
+    (n,) = counts
+    expected = {Shard(i, n).name for i in range(n)}
+    incomplete = sorted(s for s in expected if not storage.exists(storage.join(output, s, SUCCESS)))
+    if incomplete:
+        raise Phi2SumError(f"{output}: {len(incomplete)} of {n} shards missing or incomplete ({', '.join(incomplete[:4])}"
+                           f"{'...' if len(incomplete) > 4 else ''}); run or rerun the summarize job for them")
+    tables = [storage.read_parquet(storage.join(output, s)) for s in sorted(expected)]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    dupes = [i for i, c in Counter(table.column("id").to_pylist()).items() if c > 1]
+    if dupes:
+        raise Phi2SumError(f"{output}: {len(dupes)} id(s) appear more than once (e.g. {dupes[0]!r}); the outputs "
+                           "mix two datasets or two runs")
+    return table

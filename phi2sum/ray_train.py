@@ -1,0 +1,204 @@
+"""Distributed QLoRA training with Ray Train: `phi2sum.train.train` in every worker of a `TorchTrainer`.
+
+Ray Train owns the run's storage: checkpoints (adapter + optimizer, scheduler, step and RNG state, and each
+worker's step log) go to `<storage.output>/<run.name>/checkpoint_*` on a local path or S3, so a retried
+worker, or a resubmitted job with the same run name, resumes from the latest one. Each worker loads its own
+4-bit model on its own device; the Hugging Face Trainer shards the examples over workers (DistributedSampler),
+so each example is seen once per epoch across the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from phi2sum import storage
+from phi2sum.config import Config, config_from_dict
+from phi2sum.pipeline import Run, open_run, train_log_table
+
+log = logging.getLogger(__name__)
+
+# What workers need from the driver's environment (on an already-running cluster they do not inherit it).
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN",
+                 "PHI2SUM_CACHE", "PHI2SUM_FAULT", "PHI2SUM_FAULT_ONCE")
+STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"
+HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's folder inside a Ray checkpoint
+
+
+def runtime_env() -> dict[str, Any]:
+    """Env vars for the workers, passed in memory (never written to disk or logged).
+
+    Inside a submitted job, variables the job's own runtime env already sets reach the workers anyway, and
+    Ray refuses to merge a second value for them, so only the others are added.
+    """
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    taken = set((job_env.get("env_vars") or {}))
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # the patched print floods logs with datasets' dill output
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return {"env_vars": {k: v for k, v in env.items() if k not in taken}}
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env(), log_to_driver=True)
+
+
+# --- inside each worker --------------------------------------------------------------------------------------
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import TrainerCallback
+
+    from phi2sum.data import load_train
+    from phi2sum.train import StepLog, train
+
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # one thread per CPU: oversubscribed OpenMP threads make CPU training crawl
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    records = load_train(cfg.data).records
+
+    scratch = tempfile.mkdtemp(prefix=f"phi2sum-rank{rank}-")
+    step_log = StepLog(worker=rank)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            resume = os.path.join(scratch, "resume")
+            shutil.copytree(os.path.join(folder, HF_CHECKPOINT), resume)
+        step_log.rows = _restore_rows(resume, rank)
+        log.info("worker %d resuming from %s (step %s)", rank, checkpoint.path, _checkpoint_step(resume))
+
+    class SaveStepLog(TrainerCallback):
+        """Put this worker's step log in each checkpoint before Ray copies it, so a resume keeps the history."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                Path(folder, STEP_LOG_FILE.format(rank=rank)).write_text(json.dumps(step_log.rows))
+
+    result = train(cfg, records, os.path.join(scratch, "out"), device=device, world_size=world, worker=rank,
+                   resume_from_checkpoint=resume, step_log=step_log, adapter_dir=os.path.join(scratch, "adapter"),
+                   callbacks=(SaveStepLog(), RayTrainReportCallback()), disable_tqdm=rank != 0,
+                   save_only_model=False)
+    log.info("worker %d done: %d steps, %d tokens in %.1fs", rank, result.steps, result.tokens, result.seconds)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore_rows(hf_checkpoint: str, rank: int) -> list[dict[str, Any]]:
+    path = Path(hf_checkpoint, STEP_LOG_FILE.format(rank=rank))
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    step = _checkpoint_step(hf_checkpoint)
+    return [r for r in rows if step is None or r["step"] <= step]
+
+
+def _checkpoint_step(hf_checkpoint: str) -> int | None:
+    state = Path(hf_checkpoint, "trainer_state.json")
+    return json.loads(state.read_text())["global_step"] if state.is_file() else None
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.ray.use_gpu is not None:
+        return cfg.ray.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_trainer(cfg: Config):
+    """A TorchTrainer whose scaling, storage, checkpointing and retries all come from the config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    filesystem, path = storage.filesystem(cfg.storage.output)
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+
+
+def train_on_ray(cfg: Config) -> Run:
+    """Train on the cluster, then export the final adapter and the merged step log into the run folder."""
+    run = open_run(cfg)
+    if run.has("adapter", "adapter_config.json"):
+        log.info("run %s already has a trained adapter at %s; nothing to do (use a new run.name to train again)",
+                 cfg.run.name, run.adapter_uri)
+        return run
+    init_ray(cfg)
+    started = time.time()
+    result = build_trainer(cfg).fit()
+    seconds = time.time() - started
+    if result.checkpoint is None:
+        from phi2sum.errors import TrainingError
+
+        raise TrainingError(f"run {cfg.run.name} finished without a checkpoint; see the Ray job logs")
+    export_final(run, result.checkpoint, seconds)
+    return run
+
+
+def export_final(run: Run, checkpoint, seconds: float) -> None:
+    """The last checkpoint's adapter -> `<run>/adapter/` (PEFT format); every worker's log -> train_log.parquet."""
+    with tempfile.TemporaryDirectory(prefix="phi2sum-export-") as tmp:
+        with checkpoint.as_directory() as folder:
+            hf = os.path.join(folder, HF_CHECKPOINT)
+            rows = [row for f in sorted(Path(hf).glob(STEP_LOG_FILE.format(rank="*")))
+                    for row in json.loads(f.read_text())]
+            state = json.loads(Path(hf, "trainer_state.json").read_text())
+            adapter = os.path.join(tmp, "adapter")
+            os.makedirs(adapter)
+            for name in os.listdir(hf):
+                if name.startswith(("adapter_", "tokenizer", "special_tokens", "vocab", "merges", "README")):
+                    shutil.copy2(os.path.join(hf, name), adapter)
+        rows.sort(key=lambda r: (r["worker"], r["step"]))
+        storage.write_parquet(train_log_table(rows), run.path("train_log.parquet"))
+        storage.upload_dir(adapter, run.adapter_uri)  # last: its presence marks training as done
+    cfg = run.cfg
+    workers = sorted({r["worker"] for r in rows}) or [0]
+    tokens = int(state.get("num_input_tokens_seen", 0))
+    first = [r for r in rows if r["worker"] == workers[0]]
+    run.summary["train"] = {
+        "seconds": round(seconds, 2), "steps": int(state["global_step"]), "tokens": tokens,
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "workers": len(workers),
+        "effective_batch": cfg.train.batch_size * _grad_accum(cfg) * cfg.ray.num_workers,
+        "first_loss": first[0]["loss"] if first else None, "final_loss": first[-1]["loss"] if first else None,
+        "backend": "ray",
+    }
+    from phi2sum.pipeline import finish_summary
+
+    finish_summary(run, seconds)
+
+
+def _grad_accum(cfg: Config) -> int:
+    from phi2sum.train import grad_accum_steps
+
+    return grad_accum_steps(cfg, cfg.ray.num_workers)
