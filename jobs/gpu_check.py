@@ -153,8 +153,8 @@ def generation_setting(cfg) -> dict[str, int]:
     from phi2sum.plan import generation_batch_size
 
     g = cfg.generation
-    return {"batch": g.batch_size or generation_batch_size(cfg), "num_beams": g.num_beams, "prompt_tokens": prompt_token_budget(cfg),
-            "new_tokens": g.max_new_tokens}
+    return {"batch": g.batch_size or generation_batch_size(cfg), "num_beams": g.num_beams,
+            "prompt_tokens": prompt_token_budget(cfg), "new_tokens": g.max_new_tokens}
 
 
 def generate_phase(model, cfg, vocab: int) -> dict[str, Any]:

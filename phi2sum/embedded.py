@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from phi2sum.errors import DataError
+from phi2sum.errors import DataError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ TOWNS = [
 ]
 TEAM_SUFFIXES = ["Rovers", "Town", "United", "City", "Athletic", "Wanderers", "Albion", "Rangers"]
 COMPETITIONS = ["County Cup", "Northern Trophy", "League Cup", "Challenge Cup", "Senior Shield", "Regional Cup"]
-COMPANY_SECTORS = ["Foods", "Motors", "Energy", "Retail", "Homes", "Pharma", "Logistics", "Brewing", "Textiles", "Telecom"]
+COMPANY_SECTORS = [
+    "Foods", "Motors", "Energy", "Retail", "Homes", "Pharma", "Logistics", "Brewing", "Textiles", "Telecom",
+]
 PARTIES = ["Progress Party", "Civic Alliance", "Heritage Party", "Green Future Party", "Independent Group"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 PERIODS = ["first half", "full year", "third quarter", "second quarter"]
@@ -170,7 +172,8 @@ def _company(rng: random.Random) -> tuple[list[list[str]], str]:
             f"Profits at {company} climbed {pct}% to £{amount}m in the {period}, which the firm put down to {reason}.",
         ])
         summary = f"{company} said {period} profits rose by {pct}% to £{amount}m thanks to {reason}."
-        quote = f"\"This is a strong set of results and we are confident about the future,\" said chief executive {boss}."
+        quote = (f"\"This is a strong set of results and we are confident about the future,\" "
+                 f"said chief executive {boss}.")
     else:
         reason = rng.choice(["higher energy costs", "weak consumer spending", "supply problems",
                              "falling prices", "the loss of a major customer"])
@@ -182,9 +185,9 @@ def _company(rng: random.Random) -> tuple[list[list[str]], str]:
         quote = f"\"It has been a difficult period but the business remains sound,\" said chief executive {boss}."
     support = [
         f"The company employs about {staff} people.",
-        f"Shares in the firm moved sharply in early trading.",
+        "Shares in the firm moved sharply in early trading.",
         f"{boss} said {pronoun} expected the next few months to be busy.",
-        f"Analysts had expected a smaller change.",
+        "Analysts had expected a smaller change.",
     ]
     return [[lead], rng.sample(support, rng.randint(2, 4)), [quote]], summary
 
@@ -196,21 +199,24 @@ def _weather(rng: random.Random) -> tuple[list[list[str]], str]:
     kind = rng.choice(["flood", "storm", "snow"])
     if kind == "flood":
         homes, mm, hours = rng.randint(20, 400), rng.randint(40, 120), rng.randint(2, 12)
-        lead = f"Around {homes} homes in {town} were flooded on {day} after {mm}mm of heavy rain fell in just {hours} hours."
+        lead = (f"Around {homes} homes in {town} were flooded on {day} "
+                f"after {mm}mm of heavy rain fell in just {hours} hours.")
         support = [f"Roads between {town} and {other} were closed as water levels rose.",
                    "Sandbags were handed out to residents at the town hall.",
                    "Forecasters said the worst of the rain had now passed."]
         summary = f"Heavy rain flooded around {homes} homes in {town} on {day}, after {mm}mm fell in {hours} hours."
     elif kind == "storm":
         homes, mph = rng.randint(500, 9000), rng.randint(60, 95)
-        lead = f"A storm with winds of up to {mph}mph brought down trees and cut power to {homes} homes in {town} on {day}."
-        support = [f"Engineers worked through the night to restore supplies.",
+        lead = (f"A storm with winds of up to {mph}mph brought down trees "
+                f"and cut power to {homes} homes in {town} on {day}.")
+        support = ["Engineers worked through the night to restore supplies.",
                    f"A tree fell on to the main road into {town}, blocking it for several hours.",
                    "The storm is expected to ease by the weekend."]
         summary = f"Storm winds of up to {mph}mph left {homes} homes in {town} without power on {day}."
     else:
         schools, cm = rng.randint(5, 60), rng.randint(5, 30)
-        lead = f"More than {schools} schools in and around {town} were closed on {day} after {cm}cm of heavy snow fell overnight."
+        lead = (f"More than {schools} schools in and around {town} were closed on {day} "
+                f"after {cm}cm of heavy snow fell overnight.")
         support = [f"Gritters were out on the roads between {town} and {other}.",
                    "Bus services were cancelled for most of the morning.",
                    "Parents were told to check the council website for updates."]
@@ -228,7 +234,8 @@ def _election(rng: random.Random) -> tuple[list[list[str]], str]:
     majority = rng.randint(30, 900)
     v1, turnout, day = v2 + majority, rng.randint(18, 45), rng.choice(DAYS)
     gain = rng.random() < 0.5
-    lead = f"{winner} of the {p1} has won the {town} by-election with {v1} votes, ahead of {second} of the {p2} on {v2}."
+    lead = (f"{winner} of the {p1} has won the {town} by-election with {v1} votes, "
+            f"ahead of {second} of the {p2} on {v2}.")
     if gain:
         history = f"The seat was previously held by the {p2}, so the result is a gain for the {p1}."
         summary = f"{winner} won the {town} by-election for the {p1}, gaining the seat from the {p2}."
@@ -248,7 +255,8 @@ def _court(rng: random.Random) -> tuple[list[list[str]], str]:
     noun = "man" if pronoun == "he" else "woman"
     age, years = rng.randint(19, 67), rng.randint(2, 12)
     crime = rng.choice(["burglary", "fraud", "dangerous driving", "arson", "robbery", "theft from employers"])
-    lead = f"A {age}-year-old {noun} from {home} has been jailed for {years} years for {crime} after a trial at {court_town} Crown Court."
+    lead = (f"A {age}-year-old {noun} from {home} has been jailed for {years} years for {crime} "
+            f"after a trial at {court_town} Crown Court.")
     support = [
         f"{name}, {age}, was found guilty by a jury on {rng.choice(DAYS)}.",
         f"The court heard that {pronoun} had shown no remorse.",
@@ -359,7 +367,7 @@ def _council(rng: random.Random) -> tuple[list[list[str]], str]:
 
 STORY_TYPES = [_sports, _company, _weather, _election, _court, _science, _transport, _fire, _council]
 
-_SPLIT_SEEDS = {"train": 11, "validation": 22, "test": 33}
+_STORY_OFFSET = {"train": 11, "validation": 22, "test": 33}  # rotates which story type each split starts with
 _MIN_WORDS, _MAX_WORDS = 60, 160
 
 
@@ -392,9 +400,10 @@ def synthetic_records(split: str) -> list[dict]:
     records = []
     for i in range(SPLIT_SIZES[split]):
         rng = random.Random(f"phi2sum-synthetic-v{CORPUS_VERSION}-{split}-{i}")
-        story = STORY_TYPES[(i + _SPLIT_SEEDS[split]) % len(STORY_TYPES)]
+        story = STORY_TYPES[(i + _STORY_OFFSET[split]) % len(STORY_TYPES)]
         paragraphs, summary = story(rng)
-        records.append({"id": f"syn-{split}-{i + 1:04d}", "document": _assemble(rng, paragraphs), "summary": summary})
+        document = _assemble(rng, paragraphs)
+        records.append({"id": f"syn-{split}-{i + 1:04d}", "document": document, "summary": summary})
     random.Random(f"phi2sum-order-{split}").shuffle(records)
     return records
 
@@ -404,7 +413,8 @@ def synthetic_records(split: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _corpus_texts(splits=("train", "validation", "test")) -> list[str]:
+def _corpus_texts(splits: tuple[str, ...] = ("train", "validation", "test")) -> list[str]:
+    """Every document and summary as separate texts: the tokenizer training and recipe-hash input."""
     return [text for s in splits for r in synthetic_records(s) for text in (r["document"], r["summary"])]
 
 
@@ -511,13 +521,14 @@ def _pretrain(model, tokenizer) -> dict:
     the corpus language (names, story phrasing) but has never seen the article -> summary prompt."""
     import torch
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     cfg = RECIPE["pretrain"]
     rng = random.Random(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     train = synthetic_records("train")
-    val_batches = _batches(tokenizer, [t for r in synthetic_records("validation") for t in (r["document"], r["summary"])],
-                           cfg["doc_batch_size"], cfg["max_length"])
+    val_texts = [t for r in synthetic_records("validation") for t in (r["document"], r["summary"])]
+    val_batches = _batches(tokenizer, val_texts, cfg["doc_batch_size"], cfg["max_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -533,24 +544,24 @@ def _pretrain(model, tokenizer) -> dict:
     queue: list[dict] = []
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc="pre-training tiny-phi", unit="step")
-    for step in bar:
-        if not queue:
-            queue = _schedule(tokenizer, train, rng)
-        loss = model(**queue.pop()).loss
-        value = loss.detach().item()
-        if not math.isfinite(value):
-            raise RuntimeError(f"tiny-phi pre-training diverged at step {step + 1} (loss {value})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(value)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % cfg["log_every"] == 0 or step == 0:
-            logger.info("tiny-phi pre-training step %d/%d: loss %.3f", step + 1, steps, losses[-1])
-    bar.close()
+    with logging_redirect_tqdm(), tqdm(range(steps), desc="pre-training tiny-phi", unit="step") as bar:
+        for step in bar:
+            if not queue:
+                queue = _schedule(tokenizer, train, rng)
+            loss = model(**queue.pop()).loss
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise TrainingError(f"tiny-phi pre-training diverged at step {step + 1} (loss {value}); "
+                                    "the recipe in phi2sum/embedded.py needs a lower learning rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            losses.append(value)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if (step + 1) % cfg["log_every"] == 0 or step == 0:
+                logger.info("tiny-phi pre-training step %d/%d: loss %.3f", step + 1, steps, losses[-1])
     tail = losses[-10:]
     return {
         "first_loss": losses[0],
@@ -634,6 +645,10 @@ def tiny_model_path(cache_dir: str | None = None) -> str:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
             try:
                 _build(tmp)
+                # mkdtemp (and the weights writer) make files private; let the cache be read like any other.
+                tmp.chmod(0o755)
+                for item in tmp.iterdir():
+                    item.chmod(0o644)
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -254,6 +254,9 @@ def model_shape(cfg: Config, model_config: str | None = None) -> tuple[ModelShap
 # --- memory --------------------------------------------------------------------------------------------------
 
 
+CONTEXT = "CUDA context + libraries"  # the Estimate part outside PyTorch's allocator
+
+
 @dataclass
 class Estimate:
     """Bytes per component, in report order; `allocated` is what `torch.cuda.max_memory_allocated` can see."""
@@ -267,9 +270,6 @@ class Estimate:
     @property
     def allocated(self) -> int:
         return self.total - self.parts.get(CONTEXT, 0)
-
-
-CONTEXT = "CUDA context + libraries"
 
 
 def compute_bytes(cfg: Config) -> int:
@@ -477,7 +477,7 @@ class Plan:
     source: str
     budget: float
     train: Estimate
-    train_no_ckpt: Estimate
+    train_other_checkpointing: Estimate  # the same training with gradient checkpointing switched the other way
     generation: Estimate
     generation_batch: int
     max_train_batch: int
@@ -510,86 +510,83 @@ def plan(cfg: Config, gpu: str = "T4", model_config: str | None = None) -> Plan:
     return Plan(
         gpu=card, shape=shape, source=source, budget=budget,
         train=train_memory(shape, cfg),
-        train_no_ckpt=train_memory(shape, cfg, gradient_checkpointing=False),
+        train_other_checkpointing=train_memory(shape, cfg, gradient_checkpointing=not cfg.model.gradient_checkpointing),
         generation=generation_memory(shape, cfg, gen_batch),
         generation_batch=gen_batch,
         max_train_batch=largest_batch(lambda b: train_memory(shape, cfg, b).total, budget, SEARCH_LIMIT),
-        max_generation_batch=largest_batch(lambda b: generation_memory(shape, cfg, b).total, budget,
-                                           SEARCH_LIMIT),
+        max_generation_batch=largest_batch(lambda b: generation_memory(shape, cfg, b).total, budget, SEARCH_LIMIT),
         flops_per_token=train_flops_per_token(shape, cfg.prompt.max_length, cfg.model.gradient_checkpointing),
     )
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 1000 * MIB else f"{n / MIB:.1f} MiB"
 
 
 def _table(estimate: Estimate) -> list[str]:
     width = max(len(label) for label in estimate.parts)
-    lines = [f"  {label:<{width}}  {_gib(n):>10}" for label, n in estimate.parts.items() if n]
-    return lines + [f"  {'total':<{width}}  {_gib(estimate.total):>10}"]
+    lines = [f"  {label:<{width}}  {_size(n):>10}" for label, n in estimate.parts.items() if n]
+    return lines + [f"  {'total':<{width}}  {_size(estimate.total):>10}"]
 
 
-def _verdict(p: Plan) -> str:
-    where = f"on one {p.gpu.name} ({_gib(p.budget)} usable)"
+def _largest(n: int) -> str:
+    return {0: "none (even 1 does not fit)", SEARCH_LIMIT: f"{SEARCH_LIMIT} or more"}.get(n, str(n))
+
+
+def _verdict(p: Plan, cfg: Config) -> str:
+    where = f"on one {p.gpu.name} ({_size(p.budget)} usable)"
     if p.fits:
-        return (f"FITS {where}: training {_gib(p.train.total)}, generation {_gib(p.generation.total)} "
-                "per worker")
-    fixes = []
+        return f"FITS {where}: training {_size(p.train.total)}, generation {_size(p.generation.total)} per worker"
+    problems = []
     if not p.train_fits:
-        fixes.append(f"training needs {_gib(p.train.total)} (try train.batch_size={max(1, p.max_train_batch)}, "
-                     "model.gradient_checkpointing=true or a smaller prompt.max_length)")
+        fixes = [f"train.batch_size={p.max_train_batch}"] if p.max_train_batch else []
+        fixes += [] if cfg.model.gradient_checkpointing else ["model.gradient_checkpointing=true"]
+        fixes += ["a smaller prompt.max_length"]
+        problems.append(f"training needs {_size(p.train.total)} (try {', '.join(fixes)})")
     if not p.generation_fits:
-        fixes.append(f"generation needs {_gib(p.generation.total)} (try generation.batch_size="
-                     f"{max(1, p.max_generation_batch)} or fewer generation.num_beams)")
-    return f"DOES NOT FIT {where}: " + "; ".join(fixes)
+        fixes = [f"generation.batch_size={p.max_generation_batch}"] if p.max_generation_batch else []
+        fixes += ["fewer generation.num_beams", "a smaller generation.max_prompt_tokens"]
+        problems.append(f"generation needs {_size(p.generation.total)} (try {', '.join(fixes)})")
+    return f"DOES NOT FIT {where}: " + "; ".join(problems)
 
 
 def main_text(cfg: Config, gpu: str = "T4", model_config: str | None = None) -> str:
     """The `phi2sum plan` report: per-worker memory for training and summarizing, limits, speed ceiling, verdict."""
     p = plan(cfg, gpu, model_config)
     s, t, g = p.shape, cfg.train, cfg.generation
-    total = s.num_parameters()
-    lora = lora_parameters(s, cfg)
-    seq = cfg.prompt.max_length
-    precision = "bf16" if p.gpu.bf16 else "fp16 (no bf16)"
-    workers = cfg.ray.num_workers
-    epoch_tokens = (cfg.data.num_train or 0) * seq * cfg.train.epochs
+    seq, workers, ckpt = cfg.prompt.max_length, cfg.ray.num_workers, cfg.model.gradient_checkpointing
+    total, lora = s.num_parameters(), lora_parameters(s, cfg)
     quantized = f"{s.quantized_parameters():,} in 4-bit linears" if cfg.quantization.load_in_4bit else "not quantized"
     lines = [
-        f"phi2sum plan: {cfg.model.base} on {p.gpu.name} ({_gib(p.gpu.memory_bytes)}, "
-        f"{p.gpu.peak_tflops:g} TFLOP/s peak {precision}); memory is per worker, each of the {workers} "
-        "worker(s) holds a full copy",
+        f"phi2sum plan: {cfg.model.base} on a {p.gpu.name} ({_size(p.gpu.memory_bytes)}, {p.gpu.peak_tflops:g} "
+        f"TFLOP/s {'bf16/fp16' if p.gpu.bf16 else 'fp16 (no bf16)'} peak)",
         f"architecture: {p.source}: {s.num_layers} layers, hidden {s.hidden_size}, MLP {s.intermediate_size}, "
         f"{s.num_heads} heads, vocab {s.vocab_size}",
         f"parameters: {total:,} ({quantized}); LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}: "
         f"{lora:,} trainable ({100 * lora / total:.2f}%)",
-    ]
-    lines += [
+        f"memory is per worker: each of the {workers} Ray worker(s) holds a full copy of the model",
         "",
         f"training: micro-batch {t.batch_size} x {seq} tokens, grad_accum {t.grad_accum}, {t.optim}",
         *_table(p.train),
-        f"  (without gradient checkpointing: {_gib(p.train_no_ckpt.total)})" if cfg.model.gradient_checkpointing
-        else f"  (with gradient checkpointing: {_gib(train_memory(s, cfg, gradient_checkpointing=True).total)})",
-        f"  largest micro-batch that fits: {p.max_train_batch}",
-        f"  speed ceiling: {p.tokens_per_s_ceiling:,.0f} tokens/s at 100% of peak "
-        f"({p.flops_per_token / 1e9:.1f} GFLOP/token: forward + activation-gradient backward"
-        f"{' + recomputed forward' if cfg.model.gradient_checkpointing else ''}; real QLoRA runs reach a "
-        "fraction of it)",
+        f"  ({'without' if ckpt else 'with'} gradient checkpointing: {_size(p.train_other_checkpointing.total)})",
+        f"  largest micro-batch that fits: {_largest(p.max_train_batch)}",
+        f"  speed ceiling: {p.tokens_per_s_ceiling:,.0f} tokens/s per worker at 100% of peak "
+        f"({p.flops_per_token / 1e9:.3g} GFLOP/token: forward + activation-gradient backward"
+        f"{' + recomputed forward' if ckpt else ''}); real QLoRA runs reach a fraction of it",
     ]
-    if epoch_tokens:
-        minutes = epoch_tokens / (p.tokens_per_s_ceiling * workers) / 60
-        lines.append(f"  at the ceiling, {cfg.train.epochs:g} epoch(s) of {cfg.data.num_train} examples x <= {seq} "
-                     f"tokens take >= {minutes:.1f} min on {workers} worker(s)")
+    if cfg.data.num_train:
+        minutes = cfg.data.num_train * seq * t.epochs / (p.tokens_per_s_ceiling * workers) / 60
+        lines.append(f"  at that ceiling {t.epochs:g} epoch(s) of {cfg.data.num_train} examples x <= {seq} tokens "
+                     f"take >= {minutes:.1f} min")
     chosen = "" if g.batch_size else " (generation.batch_size is null: the summarize job picks this)"
     lines += [
         "",
         f"generation: batch {p.generation_batch}{chosen} x {g.num_beams} beams x "
         f"({prompt_token_budget(cfg)} prompt + {g.max_new_tokens} new) tokens",
         *_table(p.generation),
-        f"  largest generation batch that fits: {p.max_generation_batch}",
+        f"  largest generation batch that fits: {_largest(p.max_generation_batch)}",
         "",
-        f"budget: {_gib(p.gpu.memory_bytes)} less a {SAFETY_MARGIN:.0%} safety margin = {_gib(p.budget)}",
-        _verdict(p),
+        f"budget: {_size(p.gpu.memory_bytes)} less a {SAFETY_MARGIN:.0%} safety margin = {_size(p.budget)}",
+        _verdict(p, cfg),
     ]
     return "\n".join(lines)

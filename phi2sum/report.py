@@ -37,6 +37,7 @@ from phi2sum.errors import Phi2SumError, StorageError
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
+SHARDED = "shard-*"  # marks a Ray summarize output (shard-<i>-of-<n>/part-*.parquet) in a location list
 DPI = 120
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -94,11 +95,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _predictions_location(rel: set[str], prefix: str) -> list[str]:
-    """Relative paths holding predictions under ``prefix``: predictions.parquet (file or folder of shards), else
-    Parquet shards directly in the folder (a Ray Data summarize output)."""
+    """Relative paths holding predictions under ``prefix``: predictions.parquet (file or folder of parts); else
+    the folder itself when it is a Ray summarize job's output (``shard-<i>-of-<n>/part-*.parquet``); else Parquet
+    parts directly in the folder."""
     name = f"{prefix}predictions.parquet"
     if name in rel or any(r.startswith(name + "/") for r in rel):
         return [name]
+    if any(r.startswith(prefix) and r[len(prefix):].startswith("shard-") and "/" in r[len(prefix):] for r in rel):
+        return [prefix + SHARDED]
     shards = []
     for r in sorted(rel):
         if not r.startswith(prefix):
@@ -113,8 +117,13 @@ def _predictions_location(rel: set[str], prefix: str) -> list[str]:
 def _read_predictions(uri: str, paths: list[str]) -> pd.DataFrame:
     import pyarrow as pa
 
-    tables = [storage.read_parquet(storage.join(uri, p)) for p in paths]
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    if paths[0].endswith(SHARDED):
+        from phi2sum.ray_summarize import read_predictions  # checks every shard is complete, ids unique
+
+        table = read_predictions(storage.join(uri, paths[0][:-len(SHARDED)]))
+    else:
+        tables = [storage.read_parquet(storage.join(uri, p)) for p in paths]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     frame = table.to_pandas()
     if "prediction" not in frame.columns:
         raise ValueError(f"no 'prediction' column (columns: {', '.join(frame.columns)})")
@@ -124,6 +133,24 @@ def _read_predictions(uri: str, paths: list[str]) -> pd.DataFrame:
         if column in frame.columns:
             frame[column] = frame[column].fillna("").astype(str)
     return frame.reset_index(drop=True)
+
+
+def _add_rouge_columns(frame: pd.DataFrame) -> bool:
+    """Per-example ROUGE for predictions that have references but no scores (a Ray summarize output keeps
+    only metrics.json): best/worst examples and the CSV need them. True when added."""
+    from phi2sum.metrics import score_examples
+
+    if all(c in frame.columns for c in ROUGE_TYPES) or "reference" not in frame.columns:
+        return False
+    has_ref = frame["reference"].str.strip() != ""
+    if not has_ref.any():
+        return False
+    scores = score_examples(list(frame.loc[has_ref, "prediction"]), list(frame.loc[has_ref, "reference"]))
+    for name in ROUGE_TYPES:
+        column = pd.Series(np.nan, index=frame.index, dtype=float)
+        column[has_ref] = [row[name] for row in scores]
+        frame[name] = column
+    return True
 
 
 def _metrics_from_predictions(frame: pd.DataFrame) -> dict[str, Any] | None:
@@ -151,8 +178,10 @@ def load_run(run_uri: str) -> RunArtifacts:
                            "predictions.parquet")
     art = RunArtifacts(uri=uri, name=uri.rstrip("/").rsplit("/", 1)[-1])
 
-    def attempt(label: str, path: str | None, read: Callable[[], Any], absent: str) -> Any:
-        if path is not None and path not in rel and not any(r.startswith(path + "/") for r in rel):
+    def attempt(label: str, path: str, read: Callable[[], Any], absent: str, present: bool | None = None) -> Any:
+        if present is None:
+            present = path in rel or any(r.startswith(path + "/") for r in rel)
+        if not present:
             art.missing[label] = absent
             return None
         try:
@@ -172,8 +201,8 @@ def load_run(run_uri: str) -> RunArtifacts:
         except Exception as exc:  # noqa: BLE001 - an older/newer config still gets its brief from the dict
             art.notes.append(f"config.yaml does not validate with this version ({_reason(exc)}); shown as written")
     art.summary = attempt("summary", "summary.json", lambda: _read_mapping(storage.join(uri, "summary.json")),
-                          "`summary.json` is not in the run folder (the run did not finish a stage): timings, "
-                          "data and memory statistics omitted") or {}
+                          "`summary.json` is not in the run folder: timings, data and memory statistics "
+                          "omitted") or {}
     if art.cfg is not None and not art.summary.get("run_name"):
         art.name = art.cfg.run.name or art.name
     art.name = art.summary.get("run_name") or art.name
@@ -185,13 +214,22 @@ def load_run(run_uri: str) -> RunArtifacts:
         paths = _predictions_location(rel, prefix_)
         if not paths and key:
             continue  # no baseline is normal: run.baseline=false
-        predictions = attempt(f"{what} predictions", paths[0] if paths else f"{prefix_}predictions.parquet",
-                              lambda p=paths: _read_predictions(uri, p),
+        shown = (f"{paths[0]}-of-*/part-*.parquet" if paths[0].endswith(SHARDED) else
+                 paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} parts)") if paths else \
+            f"{prefix_}predictions.parquet"
+        predictions = attempt(f"{what} predictions", shown, lambda p=paths: _read_predictions(uri, p),
                               f"`{prefix_}predictions.parquet` is not in the run folder (the run did not "
-                              "summarize): examples, CSV and dataset analysis are missing")
+                              "summarize): examples, CSV and dataset analysis are missing", present=bool(paths))
         metrics = attempt(f"{what} metrics", f"{prefix_}metrics.json",
                           lambda p=prefix_: _read_mapping(storage.join(uri, f"{p}metrics.json")),
                           f"`{prefix_}metrics.json` is not in the run folder (predictions were not scored)")
+        if predictions is not None:
+            try:
+                if _add_rouge_columns(predictions):
+                    art.notes.append(f"{what} predictions carry no per-example ROUGE; the report scored them "
+                                     "(same scorer as metrics.json)")
+            except Exception as exc:  # noqa: BLE001 - examples then go unranked
+                art.notes.append(f"per-example ROUGE of the {what} predictions could not be computed ({_reason(exc)})")
         if metrics is None and predictions is not None:
             metrics = _metrics_from_predictions(predictions)
             if metrics is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -12,6 +13,12 @@ _TESTS = Path(__file__).resolve().parent
 for _path in (str(_TESTS), str(_TESTS.parent)):  # `import s3_server` and `import phi2sum` under bare `pytest`
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+# Test clusters live on loopback only: no Ray token auth (Ray 2.60 turns it on once ~/.ray/auth_token exists),
+# and nothing is fetched from the Hugging Face Hub.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from s3_server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, MotoServer  # noqa: E402
 
@@ -84,4 +91,8 @@ def ray_head():
     try:
         yield head
     finally:
+        import ray
+
+        if ray.is_initialized():  # a driver whose cluster is stopped under it exits the whole process
+            ray.shutdown()
         head.stop()

@@ -48,6 +48,11 @@ class RayHead:
             del self.env[var]
 
     @property
+    def address(self) -> str:
+        """The GCS address, for `ray.init(address=...)` / `ray.address=` from this process."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 

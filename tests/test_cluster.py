@@ -1,0 +1,149 @@
+"""cluster/: the AWS launcher config passes Ray's own validation, the KubeRay manifests are well formed, ask for
+one T4 per worker, hold no credentials, and run job modules and configs that exist."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+AWS_CONFIG = CLUSTER / "aws" / "phi2sum-t4.yaml"
+KUBERAY = CLUSTER / "kuberay"
+RAYJOBS = [KUBERAY / "rayjob-train.yaml", KUBERAY / "rayjob-summarize.yaml"]
+IMAGE = "ghcr.io/your-org/phi2sum:latest"
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _ray_validate(config: dict) -> None:
+    """What `ray up` does before touching the cloud: fill in the provider's defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_aws_config_passes_rays_validation():
+    config = _load(AWS_CONFIG)
+    _ray_validate(config)
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
+    worker = nodes["t4-worker"]
+    assert worker["resources"]["GPU"] == 1 and worker["node_config"]["InstanceType"] == "g4dn.xlarge"
+    assert 0 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
+
+
+@pytest.mark.parametrize("breakage", ["typo", "bad_resources", "missing_head_type"])
+def test_a_broken_aws_config_fails_validation(breakage):
+    import jsonschema
+
+    config = _load(AWS_CONFIG)
+    if breakage == "typo":
+        config["max_worker"] = config.pop("max_workers")
+    elif breakage == "bad_resources":
+        config["available_node_types"]["t4-worker"]["resources"]["GPU"] = "one"
+    else:
+        config["head_node_type"] = "no-such-node-type"
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        _ray_validate(config)
+
+
+def test_aws_setup_installs_the_synced_project_and_the_local_ray():
+    import ray
+
+    config = _load(AWS_CONFIG)
+    remote = next(iter(config["file_mounts"]))
+    assert config["file_mounts"][remote] == "."
+    setup = "\n".join(config["setup_commands"])
+    assert f"pip install -q -e {remote}" in setup and f"=={ray.__version__}" in setup
+    assert "download.pytorch.org/whl/cu" in setup  # a CUDA build of torch
+
+
+def test_raycluster_has_a_head_and_a_t4_worker_group():
+    import ray
+
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["spec"]["rayVersion"] == ray.__version__
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    for spec in (head["template"]["spec"], pod):
+        for c in spec["containers"]:
+            assert c["image"] == IMAGE
+            secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= set(secrets)
+            assert secrets["AWS_ENDPOINT_URL"].get("optional") is True
+
+
+def test_dockerfile_builds_on_the_matching_ray_image():
+    import ray
+
+    dockerfile = (KUBERAY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu$", dockerfile, re.M)
+    assert "pip install --no-cache-dir -e ." in dockerfile
+
+
+def _entrypoint(path: Path) -> list[str]:
+    job = _load(path)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == _load(KUBERAY / "raycluster.yaml")["metadata"]["name"]
+    return shlex.split(job["spec"]["entrypoint"])
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.stem)
+def test_rayjob_runs_an_existing_config_with_valid_overrides(path):
+    from phi2sum.config import load_config
+
+    argv = _entrypoint(path)
+    config = argv[argv.index("--config") + 1]
+    assert (REPO / config).is_file(), config
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    load_config(REPO / config, overrides)  # every override names a real key with a valid value
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.stem)
+def test_rayjob_module_exists(path):
+    argv = _entrypoint(path)
+    module = argv[argv.index("-m") + 1]
+    assert re.fullmatch(r"jobs\.\w+", module), module
+    file = REPO / (module.replace(".", "/") + ".py")
+    if not file.is_file():
+        pytest.skip(f"{file.relative_to(REPO)} is not written yet")
+
+
+CREDENTIAL_PATTERNS = [
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # an AWS access key id
+    re.compile(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),  # the shape of an AWS secret key
+    re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*[:=]\s*['\"]?[A-Za-z0-9/+]{8,}", re.I),  # KEY=value
+    re.compile(r"name:\s*AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID)\s*\n\s*value:"),  # a literal env value
+]
+
+
+def _credentials(text: str) -> list[str]:
+    return [p.pattern for p in CREDENTIAL_PATTERNS if p.search(text)]
+
+
+def test_no_credentials_in_cluster_files():
+    files = [p for p in CLUSTER.rglob("*") if p.is_file()]
+    assert len(files) >= 6
+    for path in files:
+        found = _credentials(path.read_text(encoding="utf-8"))
+        assert not found, f"{path.relative_to(REPO)} looks like it holds a credential: {found}"
+
+
+def test_the_credential_scan_catches_planted_keys():
+    planted = "env:\n  - name: AWS_SECRET_ACCESS_KEY\n    value: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+    assert len(_credentials(planted)) >= 2
+    assert _credentials("aws_access_key_id: AKIAIOSFODNN7EXAMPLE")
