@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Callable
 
-from phi2sum.errors import Phi2SumError
+from phi2sum.errors import ConfigError, Phi2SumError
 
 DEMO_CONFIG = "tiny-cpu"
 EXAMPLES = """examples:
@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   phi2sum run --config tiny-cpu train.max_steps=20 storage.output=s3://bucket/runs
   phi2sum summarize --config tiny-cpu model.adapter=runs/my-run/adapter run.name=preds-1
   phi2sum evaluate --predictions runs/my-run/predictions.parquet
+  phi2sum report runs/my-run
+  phi2sum plan --config jobs/configs/phi2-xsum-t4.yaml --gpu T4
 """
 
 
@@ -47,12 +49,29 @@ def cmd_run(args) -> None:
 
 
 def cmd_train(args) -> None:
+    if args.ray:
+        from phi2sum.ray_train import train_on_ray
+
+        _report_outputs(train_on_ray(_load(args)))
+        return
     from phi2sum.pipeline import run_local
 
     _report_outputs(run_local(_load(args), stages=("train",)))
 
 
 def cmd_summarize(args) -> None:
+    if args.ray:
+        from phi2sum.evaluate import evaluate_output
+        from phi2sum.ray_summarize import Shard, summarize_on_ray
+
+        if not args.output:
+            raise ConfigError("summarize --ray needs --output (a folder or s3:// prefix for the shard outputs)")
+        cfg = _load(args)
+        done = summarize_on_ray(cfg, args.output, Shard.parse(args.shard))
+        print(f"{done['shard']}: {done['rows']} summaries in {args.output}")
+        if Shard.parse(args.shard).count == 1 and args.evaluate:
+            print(format_metrics(evaluate_output(args.output)))
+        return
     from phi2sum.pipeline import run_local
 
     _report_outputs(run_local(_load(args), stages=("summarize", "evaluate")))
@@ -71,6 +90,18 @@ def cmd_evaluate(args) -> None:
     print(f"metrics: {metrics_uri}")
 
 
+def cmd_report(args) -> None:
+    from phi2sum.report import write_report
+
+    print(f"report: {write_report(args.run)}")
+
+
+def cmd_plan(args) -> None:
+    from phi2sum.plan import main_text
+
+    print(main_text(_load(args), gpu=args.gpu, model_config=args.model_config))
+
+
 def cmd_demo(args) -> None:
     from phi2sum import storage
     from phi2sum.config import load_config
@@ -85,6 +116,9 @@ def cmd_demo(args) -> None:
         print("\nROUGE F1 x100     before (base model)   after (fine-tuned)")
         for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
             print(f"  {name:<10} {100 * before[name]['mean']:>18.2f} {100 * after[name]['mean']:>20.2f}")
+    from phi2sum.report import write_report
+
+    print(f"\nreport: {storage.join(write_report(run.uri), 'report.md')}")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -127,10 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("run", cmd_run, "train, summarize the eval split and score it, in this process (local mode)")
-    add("train", cmd_train, "fine-tune LoRA adapters only; writes adapter/ and train_log.parquet")
-    add("summarize", cmd_summarize, "summarize the eval split with model.adapter (or the base model) and score it")
+    tr = add("train", cmd_train, "fine-tune LoRA adapters only; writes adapter/ and train_log.parquet")
+    tr.add_argument("--ray", action="store_true", help="train with Ray Train (ray.num_workers workers, ray.address)")
+    sm = add("summarize", cmd_summarize,
+             "summarize the eval split with model.adapter (or the base model) and score it")
+    sm.add_argument("--ray", action="store_true", help="summarize with a Ray Data actor pool (ray.actors)")
+    sm.add_argument("--output", help="with --ray: where the shard outputs go (a folder or s3:// prefix)")
+    sm.add_argument("--shard", help="with --ray: only shard i/n of the dataset, e.g. 3/8")
+    sm.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="with --ray: do not score")
     add("demo", cmd_demo, "the whole job on the embedded tiny model and synthetic data, offline on CPU; "
                           "prints ROUGE before vs after fine-tuning")
+    pl = add("plan", cmd_plan, "estimate per-worker GPU memory and speed for a config; says whether it fits a GPU")
+    pl.add_argument("--gpu", default="T4", help="T4 (default), L4, A10G, A100-40GB, A100-80GB, H100, H200")
+    pl.add_argument("--model-config", default=None, help="a model config.json to take the shapes from")
+    rp = sub.add_parser("report", help="write <run>/report/: plots, predictions and report.md for a run",
+                        description="read a run folder (local or s3://) and write <run>/report/ with the loss curve, "
+                                    "ROUGE chart, dataset analysis, sample and all predictions, and report.md")
+    rp.add_argument("run", help="the run folder, e.g. runs/my-run or s3://bucket/runs/my-run")
+    rp.set_defaults(func=cmd_report)
     ev = sub.add_parser("evaluate", help="score a predictions.parquet (file or run folder) with ROUGE",
                         description="score a predictions.parquet (a file or a run folder, local or s3://) with "
                                     "ROUGE-1/2/L/Lsum and write metrics.json beside it")

@@ -69,7 +69,7 @@ def load_tokenizer(cfg: Config, padding_side: str = "right"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision)
     except Exception as exc:
-        raise _load_error("tokenizer", cfg.model.base, exc) from None
+        raise _load_error("model", cfg.model.base, exc) from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer of '{cfg.model.base}' has no EOS token; summaries need one to end")
     if tokenizer.pad_token_id is None:

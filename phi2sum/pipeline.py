@@ -147,7 +147,10 @@ def run_local(cfg: Config, stages: tuple[str, ...] = ("train", "summarize", "eva
     """The local single-GPU (or CPU) mode: every stage in this process."""
     from phi2sum.data import load_split, load_train_eval
 
+    from phi2sum.model import load_tokenizer
+
     wall = time.time()
+    load_tokenizer(cfg)  # fail fast, before any data is read or written, when the model cannot be had
     run = open_run(cfg)
     timings = run.summary.setdefault("stage_seconds", {})
     if "train" in stages:

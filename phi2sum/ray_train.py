@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -180,6 +181,7 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
                 if name.startswith(("adapter_", "tokenizer", "special_tokens", "vocab", "merges", "README")):
                     shutil.copy2(os.path.join(hf, name), adapter)
         rows.sort(key=lambda r: (r["worker"], r["step"]))
+        trainable = _adapter_parameters(adapter)
         storage.write_parquet(train_log_table(rows), run.path("train_log.parquet"))
         storage.upload_dir(adapter, run.adapter_uri)  # last: its presence marks training as done
     cfg = run.cfg
@@ -191,11 +193,22 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "workers": len(workers),
         "effective_batch": cfg.train.batch_size * _grad_accum(cfg) * cfg.ray.num_workers,
         "first_loss": first[0]["loss"] if first else None, "final_loss": first[-1]["loss"] if first else None,
-        "backend": "ray",
+        "trainable_params": trainable, "backend": "ray",
     }
     from phi2sum.pipeline import finish_summary
 
     finish_summary(run, seconds)
+
+
+def _adapter_parameters(adapter_dir: str) -> int:
+    """Trainable (LoRA) parameters, counted from the saved adapter weights."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return 0
+    with safe_open(path, framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
 def _grad_accum(cfg: Config) -> int:

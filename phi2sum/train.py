@@ -157,11 +157,20 @@ def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: i
     )
 
 
-def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
-          callbacks: tuple = (), resume_from_checkpoint: str | bool | None = None, world_size: int = 1,
-          worker: int = 0, adapter_dir: str | None = None, step_log: StepLog | None = None,
-          **sft_overrides) -> TrainResult:
-    """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`."""
+@dataclass
+class PreparedTrainer:
+    trainer: Any  # trl.SFTTrainer
+    step_log: StepLog
+    examples: dict[str, int]
+    trainable_params: int
+    total_params: int
+    effective_batch: int
+
+
+def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
+                  callbacks: tuple = (), world_size: int = 1, worker: int = 0, step_log: StepLog | None = None,
+                  **sft_overrides) -> PreparedTrainer:
+    """Tokenizer, QLoRA model, examples and an SFTTrainer ready to train (tests inspect it without training)."""
     from trl import SFTTrainer
 
     device = device or resolve_device(cfg)
@@ -178,15 +187,24 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device
     steps = step_log or StepLog(worker)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[steps.callback, *callbacks])
+    return PreparedTrainer(trainer, steps, counts, trainable, total, effective)
+
+
+def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
+          resume_from_checkpoint: str | bool | None = None, adapter_dir: str | None = None,
+          **build_kwargs) -> TrainResult:
+    """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`."""
+    prepared = build_trainer(cfg, records, output_dir, **build_kwargs)
+    trainer = prepared.trainer
     started = time.time()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.time() - started
     adapter_dir = adapter_dir or os.path.join(output_dir, "adapter")
     if trainer.is_world_process_zero():
         trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
-        tokenizer.save_pretrained(adapter_dir)
+        trainer.processing_class.save_pretrained(adapter_dir)
     return TrainResult(
-        adapter_dir=adapter_dir, log=steps.rows, steps=int(trainer.state.global_step), seconds=seconds,
-        tokens=int(trainer.state.num_input_tokens_seen), trainable_params=trainable, total_params=total,
-        examples=counts, effective_batch=effective,
+        adapter_dir=adapter_dir, log=prepared.step_log.rows, steps=int(trainer.state.global_step), seconds=seconds,
+        tokens=int(trainer.state.num_input_tokens_seen), trainable_params=prepared.trainable_params,
+        total_params=prepared.total_params, examples=prepared.examples, effective_batch=prepared.effective_batch,
     )

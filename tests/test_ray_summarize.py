@@ -32,11 +32,12 @@ def ids_in(output: str) -> list[str]:
             for i in storage.read_parquet(uri).column("id").to_pylist()]
 
 
-def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet_input, tmp_path):
+def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet_input, tiny_run, tmp_path):
+    """With a trained local adapter; the S3 test below runs the base model alone (the zero-shot baseline)."""
     out = str(tmp_path / "preds")
     for shard in ("0/2", "1/2"):
         result = ray_head.submit("jobs.summarize", *FAST, f"data.source={parquet_input}", f"output={out}",
-                                 f"shard={shard}")
+                                 f"shard={shard}", f"model.adapter={tiny_run.adapter_uri}")
         assert result.status == "SUCCEEDED", result.logs[-3000:]
     ids = ids_in(out)
     assert sorted(ids) == sorted(r["id"] for r in synthetic_records("test")[:N])  # every id, once
@@ -44,7 +45,8 @@ def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet
     assert shard0 and all(Shard(0, 2).owns(i) for i in shard0)  # the same id always lands in the same shard
 
     before = sorted(storage.list_files(out))
-    again = ray_head.submit("jobs.summarize", *FAST, f"data.source={parquet_input}", f"output={out}", "shard=0/2")
+    again = ray_head.submit("jobs.summarize", *FAST, f"data.source={parquet_input}", f"output={out}", "shard=0/2",
+                            f"model.adapter={tiny_run.adapter_uri}")
     assert again.status == "SUCCEEDED" and "nothing to do" in again.logs
     assert sorted(storage.list_files(out)) == before
 
@@ -52,6 +54,8 @@ def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet
     assert result.status == "SUCCEEDED", result.logs[-2000:]
     metrics = json.loads((tmp_path / "preds" / "metrics.json").read_text())
     assert metrics["count"] == N
+    part = pq.read_table(next((tmp_path / "preds").glob("shard-0-of-2/part-*.parquet")))
+    assert json.loads(part.column("model")[0].as_py())["adapter"] == tiny_run.adapter_uri
 
     # Evaluate reproduces the metrics computed directly from the predictions.
     from phi2sum.metrics import rouge

@@ -85,20 +85,24 @@ def test_resubmitting_resumes_an_interrupted_run_and_skips_a_finished_one(ray_he
     assert "nothing to do" in third.logs and "RayTrainWorker" not in third.logs
 
 
-def test_scaling_out_keeps_the_examples_seen(ray_head, tmp_path):
-    """2 workers x grad-accum k and 1 worker x grad-accum 2k: same optimizer steps, same examples (tokens)."""
+def test_scaling_out_keeps_the_examples_seen_and_one_worker_equals_local(ray_head, tmp_path):
+    """2 workers x grad-accum k and 1 worker x grad-accum 2k: same optimizer steps, same examples (tokens);
+    and the Ray job with one worker trains exactly like `phi2sum train` (same losses step by step)."""
     from phi2sum.config import load_config
     from phi2sum.pipeline import run_local
 
-    common = ["data.num_train=32", "train.batch_size=2", "train.epochs=1", "train.logging_steps=1"]
-    result = ray_head.submit("jobs.train", "--config", "tiny-cpu", *common, "train.grad_accum=2",
-                             "ray.num_workers=2", "ray.cpus_per_worker=0.5", f"storage.output={tmp_path}",
-                             "run.name=two")
-    assert result.status == "SUCCEEDED", result.logs[-3000:]
-    local = run_local(load_config("tiny-cpu", [*common, "train.grad_accum=4", f"storage.output={tmp_path}",
-                                               "run.name=one"]), stages=("train",))
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())["train"]
-    one = local.summary["train"]
-    assert two["steps"] == one["steps"] == 32 // (2 * 2 * 2)
-    assert two["effective_batch"] == one["effective_batch"] == 8
-    assert two["tokens"] == one["tokens"]  # the same examples, split over the workers
+    common = ["data.num_train=32", "train.batch_size=2", "train.epochs=1", "train.logging_steps=1",
+              f"storage.output={tmp_path}"]
+    for name, workers, accum in (("two", 2, 2), ("one", 1, 4)):
+        result = ray_head.submit("jobs.train", "--config", "tiny-cpu", *common, f"train.grad_accum={accum}",
+                                 f"ray.num_workers={workers}", "ray.cpus_per_worker=0.5", f"run.name={name}")
+        assert result.status == "SUCCEEDED", result.logs[-3000:]
+    local = run_local(load_config("tiny-cpu", [*common, "train.grad_accum=4", "run.name=local"]), stages=("train",))
+    two, one = (json.loads((tmp_path / n / "summary.json").read_text())["train"] for n in ("two", "one"))
+    mine = local.summary["train"]
+    assert two["steps"] == one["steps"] == mine["steps"] == 32 // (2 * 2 * 2)
+    assert two["effective_batch"] == one["effective_batch"] == mine["effective_batch"] == 8
+    assert two["tokens"] == one["tokens"] == mine["tokens"]  # the same examples, split over the workers
+    ray_losses = [r["loss"] for r in pq.read_table(tmp_path / "one" / "train_log.parquet").to_pylist()]
+    local_losses = [r["loss"] for r in pq.read_table(tmp_path / "local" / "train_log.parquet").to_pylist()]
+    assert ray_losses == pytest.approx(local_losses, rel=1e-3)

@@ -1,0 +1,263 @@
+"""Training cost: Ray job overhead vs local mode (tiny config), and QLoRA tokens/s of a Phi-shaped model at 512 tokens.
+
+    .venv/bin/python tests/benchmarks/bench_ray_train.py                  # both parts, small defaults
+    .venv/bin/python tests/benchmarks/bench_ray_train.py --skip overhead  # only the tokens/s part
+
+Part (a), overhead. The same training (`--config tiny-cpu train.max_steps=N`, the embedded tiny model) three ways,
+each in a fresh process, timed from the outside:
+  local    `phi2sum train --config tiny-cpu ...` (= `phi2sum.pipeline.run_local(cfg, stages=("train",))`)
+  ray-1w   `ray job submit --working-dir <repo> -- python -m jobs.train ... ray.num_workers=1`
+  ray-2w   the same with ray.num_workers=2 (each worker runs N steps on its half of the data)
+against a head started like tests/ray_cluster.py (`ray start --head --num-cpus=<nproc> --include-dashboard=true`,
+stopped at the end; its own start-up is reported apart). `train_s` is summary.json's train.seconds (local:
+trainer.train(); Ray: TorchTrainer.fit(), which includes starting the workers), `startup_s` = wall - train_s as
+asked, and `worker_train_s` is the training loop alone as the workers logged it (train_log.parquet, logging every
+step), so wall - worker_train_s is the full overhead of each mode.
+
+Part (b), throughput. `phi2sum.train.train` (the function every mode runs) on the first XSum train-sample
+records, prompt.max_length=512 (documents cut to fit), on a randomly initialised Phi-shaped model with the real
+Phi-2 tokenizer and vocabulary, 4-bit NF4 + LoRA r=16 as the recipe (batch 1, gradient checkpointing,
+paged_adamw_8bit), for each --threads value in this process. tokens/s counts the non-padding tokens the trainer
+saw; `steady` leaves out the first optimizer step (warm-up). Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (sets RAY_AUTH_MODE / HF_HUB_OFFLINE before ray or transformers are imported)
+from _common import REPO, format_table  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+# --- (a) overhead --------------------------------------------------------------------------------------------
+
+
+def _run_outputs(run_dir: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    out: dict[str, Any] = {}
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        train = json.loads(summary_path.read_text()).get("train", {})
+        out.update(train_s=train.get("seconds"), steps=train.get("steps"), tokens=train.get("tokens"),
+                   workers=train.get("workers"))
+    log_path = run_dir / "train_log.parquet"
+    if log_path.is_file():
+        rows = pq.read_table(log_path).to_pylist()
+        per_worker = {}
+        for r in rows:
+            per_worker.setdefault(r["worker"], []).append(r)
+        out["worker_train_s"] = max(max(x["seconds"] for x in w) for w in per_worker.values())
+        out["worker_tokens"] = {k: max(x["tokens"] for x in w) for k, w in per_worker.items()}
+    return out
+
+
+def run_local_cli(overrides: list[str], out_dir: Path, timeout: int) -> dict[str, Any]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = time.perf_counter()
+    proc = subprocess.run([str(BIN / "phi2sum"), "train", "--config", "tiny-cpu", *overrides,
+                           f"storage.output={out_dir}", "run.name=local"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - started
+    result = {"mode": "local", "wall_s": wall, "returncode": proc.returncode, **_run_outputs(out_dir / "local")}
+    if proc.returncode != 0:
+        result["error"] = proc.stderr[-2000:]
+    return result
+
+
+def run_ray_job(head, workers: int, cpus_per_worker: float, overrides: list[str], out_dir: Path,
+                timeout: int) -> dict[str, Any]:
+    """`ray job submit` as tests/ray_cluster.py does it, timing only the blocking submit command."""
+    name = f"ray{workers}w"
+    submission_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    started = time.perf_counter()
+    proc = head._ray("job", "submit", f"--address={head.dashboard_url}", f"--submission-id={submission_id}",
+                     f"--working-dir={REPO}", "--runtime-env-json={}", "--", "python", "-m", "jobs.train",
+                     "--config", "tiny-cpu", *overrides, f"storage.output={out_dir}", f"run.name={name}",
+                     f"ray.num_workers={workers}", f"ray.cpus_per_worker={cpus_per_worker}",
+                     timeout=timeout, cwd=str(REPO))
+    wall = time.perf_counter() - started
+    status = head.status(submission_id)
+    result = {"mode": f"ray-{workers}w", "wall_s": wall, "returncode": proc.returncode, "status": status,
+              "cpus_per_worker": cpus_per_worker, **_run_outputs(out_dir / name)}
+    if status != "SUCCEEDED":
+        logs = head._ray("job", "logs", f"--address={head.dashboard_url}", submission_id).stdout
+        result["error"] = logs[-3000:]
+    return result
+
+
+def overhead_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from phi2sum.embedded import tiny_model_path
+    from ray_cluster import RayHead
+
+    tiny_model_path()  # build the embedded model now (once, cached) so no row pays for it
+    overrides = [f"train.max_steps={args.steps}", "train.logging_steps=1", f"train.save_steps={args.steps}"]
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-train-"))
+    rows: list[dict[str, Any]] = []
+    print(f"(a) local: phi2sum train --config tiny-cpu {' '.join(overrides)} ...", flush=True)
+    rows.append(run_local_cli(overrides, work, args.timeout))
+    head_info: dict[str, Any] = {}
+    started = time.perf_counter()
+    head = RayHead(num_cpus=os.cpu_count() or 2)
+    try:
+        head.start()
+        head_info["ray_start_s"] = time.perf_counter() - started
+        head_info["dashboard_url"] = head.dashboard_url
+        for workers in args.workers:
+            # By default every mode gets the whole machine: nproc CPUs (and so torch threads) split over the workers.
+            cpus = args.cpus_per_worker or (os.cpu_count() or 2) / workers
+            print(f"(a) ray job submit jobs.train, {workers} worker(s) x {cpus} CPU ...", flush=True)
+            rows.append(run_ray_job(head, workers, cpus, overrides, work, args.timeout))
+    finally:
+        stopped = time.perf_counter()
+        head.stop()
+        head_info["ray_stop_s"] = time.perf_counter() - stopped
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+    for r in rows:
+        if r.get("train_s") is not None:
+            r["startup_s"] = r["wall_s"] - r["train_s"]
+        if r.get("worker_train_s") is not None:
+            r["overhead_s"] = r["wall_s"] - r["worker_train_s"]
+            tokens = r.get("worker_tokens") or {}
+            if tokens:
+                # the Trainer's token count is gathered over all DDP workers: each worker logs the global total
+                r["tokens_per_s_per_worker"] = max(tokens.values()) / len(tokens) / r["worker_train_s"]
+    return rows, head_info
+
+
+# --- (b) tokens/s --------------------------------------------------------------------------------------------
+
+
+def throughput_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import torch
+
+    from phi2sum.config import load_config
+    from phi2sum.train import StepLog, train
+
+    model_path, model_info = _common.bench_model_path(args.hidden, args.layers, args.heads, args.intermediate)
+    records, source = _common.load_train_records(args.records)
+    rows = []
+    for threads in args.threads:
+        for four_bit in args.four_bit:
+            cfg = load_config(None, [f"model.base={model_path}", f"quantization.load_in_4bit={str(four_bit).lower()}",
+                                     "model.device=cpu", "prompt.max_length=512", f"train.max_steps={args.tp_steps}",
+                                     f"train.grad_accum={args.grad_accum}", "train.batch_size=1",
+                                     "train.logging_steps=1", "train.warmup_steps=0",
+                                     f"train.save_steps={args.tp_steps + 1}"])
+            torch.set_num_threads(threads)
+            label = f"{'4-bit' if four_bit else 'fp32'}, {threads} thread(s)"
+            print(f"(b) phi2sum.train.train: {label}, {args.tp_steps} steps x {args.grad_accum} sequences ...",
+                  flush=True)
+            step_log = StepLog()
+            with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+                meter = _common.CpuMeter()
+                with meter.measure():
+                    result = train(cfg, records, tmp, step_log=step_log, disable_tqdm=True)
+            log = result.log
+            row = {"setting": label, "threads": threads, "load_in_4bit": four_bit, "steps": result.steps,
+                   "sequences": result.steps * args.grad_accum, "tokens": result.tokens,
+                   "train_s": result.seconds, "call_s": meter.result["wall_s"],
+                   "tokens_per_s": result.tokens / result.seconds, "cpu": meter.result,
+                   "machine_busy_cpus": meter.result["machine_busy_cpus"],
+                   "tokens_per_seq": result.tokens / max(result.steps * args.grad_accum, 1),
+                   "truncated_examples": result.examples.get("truncated"), "log": log}
+            if len(log) >= 2:
+                row["steady_tokens_per_s"] = (log[-1]["tokens"] - log[0]["tokens"]) / max(
+                    log[-1]["seconds"] - log[0]["seconds"], 1e-9)
+            rows.append(row)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return rows, {"model": model_info, "records": source}
+
+
+# --- driver --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12, help="(a) train.max_steps of the tiny config (default 12)")
+    p.add_argument("--workers", type=str, default="1,2", help="(a) Ray worker counts (default 1,2)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="(a) ray.cpus_per_worker (default nproc / workers, as many torch threads as local mode)")
+    p.add_argument("--timeout", type=int, default=600, help="(a) seconds per run before giving up")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--records", type=int, default=64, help="(b) training records to tokenize (default 64)")
+    p.add_argument("--tp-steps", type=int, default=3, help="(b) optimizer steps (default 3)")
+    p.add_argument("--grad-accum", type=int, default=2, help="(b) sequences per optimizer step (default 2)")
+    p.add_argument("--threads", type=str, default=str(os.cpu_count() or 1),
+                   help="(b) torch thread counts, comma-separated (default nproc)")
+    p.add_argument("--four-bit", type=str, default="true", help="(b) load_in_4bit values, e.g. true,false")
+    p.add_argument("--skip", type=str, default="", help="parts to skip: overhead, throughput")
+    p.add_argument("--out", type=str, default=None, help="JSON path (default tests/benchmarks/results/...)")
+    args = p.parse_args(argv)
+    args.workers = [int(x) for x in args.workers.split(",") if x.strip()]
+    args.threads = [int(x) for x in args.threads.split(",") if x.strip()]
+    args.four_bit = [x.strip().lower() in ("1", "true", "yes") for x in args.four_bit.split(",") if x.strip()]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+OVERHEAD_COLUMNS = [("mode", "mode", ""), ("cpus_per_worker", "CPU/worker", ".1f"), ("steps", "steps", "d"),
+                    ("wall_s", "wall s", ".1f"), ("train_s", "train s (summary)", ".1f"),
+                    ("startup_s", "startup s", ".1f"), ("worker_train_s", "worker loop s", ".1f"),
+                    ("overhead_s", "wall - loop s", ".1f"), ("tokens", "tokens", "d"),
+                    ("tokens_per_s_per_worker", "tok/s/worker", ".0f"), ("status", "status", "")]
+THROUGHPUT_COLUMNS = [("setting", "setting", ""), ("steps", "steps", "d"), ("sequences", "seqs", "d"),
+                      ("tokens_per_seq", "tok/seq", ".0f"), ("train_s", "train s", ".1f"),
+                      ("tokens_per_s", "tok/s", ".1f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
+                      ("machine_busy_cpus", "busy CPUs", ".2f")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    facts = _common.machine_facts()
+    print(facts["uptime_at_start"], flush=True)
+    data: dict[str, Any] = {"benchmark": "ray_train", "args": {k: (sorted(v) if isinstance(v, set) else v)
+                                                                for k, v in vars(args).items()},
+                            "machine": facts}
+    tables = []
+    if "overhead" not in args.skip:
+        rows, head = overhead_part(args)
+        data["overhead"] = {"rows": rows, "head": head, "config": "tiny-cpu", "max_steps": args.steps}
+        table = format_table(rows, OVERHEAD_COLUMNS)
+        tables.append(f"(a) job overhead, tiny-cpu, train.max_steps={args.steps} (ray start --head took "
+                      f"{head.get('ray_start_s', 0):.1f}s, not included)\n{table}")
+        print("\n" + tables[-1], flush=True)
+        for r in rows:
+            if r.get("error"):
+                print(f"{r['mode']} failed:\n{r['error'][-1500:]}")
+    if "throughput" not in args.skip:
+        rows, info = throughput_part(args)
+        data["throughput"] = {"rows": rows, **info, "prompt_max_length": 512}
+        table = format_table(rows, THROUGHPUT_COLUMNS)
+        m = info["model"]
+        tables.append(f"(b) phi2sum.train.train tokens/s, 1 process, seq <= 512, "
+                      f"{m.get('model')} hidden {m.get('hidden_size')} x {m.get('num_hidden_layers')} layers "
+                      f"({m.get('parameters', 0):,} params), LoRA r=16, batch 1, grad ckpt\n{table}")
+        print("\n" + tables[-1], flush=True)
+    facts["uptime_at_end"] = _common.uptime_line()
+    print(facts["uptime_at_end"])
+    data["tables"] = tables
+    path = _common.write_json(args.out or _common.default_out("ray_train"), data)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Summarization throughput: the seed notebook's one-at-a-time loop vs the batched `Summarizer` vs Ray Data.
+
+    .venv/bin/python tests/benchmarks/bench_summarize.py                    # defaults: 48 docs, 32 new tokens
+    .venv/bin/python tests/benchmarks/bench_summarize.py --docs 16 --skip c  # quick, no Ray
+
+Everything runs on the same documents (the first --docs records of ../shared/data/xsum/validation-sample.jsonl,
+or the embedded synthetic test split when that is absent) and the same model: a randomly initialised
+Phi-shaped model (hidden 256, 4 layers, 8 heads, MLP 1024, Phi-2's 51,200-token vocabulary and its real
+tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
+
+  a      the seed notebook's `generate_summary` loop, reproduced below: one document per generate() call, the
+         whole article in the prompt (no truncation), the whole output decoded and split on "### Summary:\n".
+  a-cut  the same loop on exactly the prompts `Summarizer` uses (document cut to the prompt token budget), so
+         b vs a-cut isolates what batching buys and a vs a-cut what truncation buys.
+  b-N    `phi2sum.generate.Summarizer` with batch size N (longest-first order, left padding), the project's
+         generation defaults (no_repeat_ngram_size=3, length_penalty 1.0).
+  cK     `phi2sum.ray_summarize.summarize_on_ray` (the summarize job's code path) over a local Parquet copy of
+         the documents with K actors of `ray.actor_cpus` CPUs and 1 torch thread each, on a fresh local Ray
+         instance of nproc CPUs. `seconds` is the summarize call end to end (actor start-up and model loading
+         included; `ray.init` is reported apart); the `warm` columns cover only the span from the first batch
+         starting to the last batch committed (from the parts' timings), i.e. throughput once actors are up.
+
+a and b run in this process with the same torch thread count (--threads, default: all CPUs). Random weights
+almost never emit EOS, so every path generates (close to) --max-new-tokens per document; tokens/s counts
+generated summary tokens. Prints a table and writes JSON (default tests/benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (sets RAY_AUTH_MODE / HF_HUB_OFFLINE before ray or transformers are imported)
+from _common import CpuMeter, format_table  # noqa: E402
+
+
+# --- (a) the seed notebook's loop, reproduced ----------------------------------------------------------------
+# The seed README's generation code: an instruction prompt around the whole article, tokenizer(prompt) with no
+# truncation, beam search with num_beams=4 / early_stopping / pad=EOS one document at a time, then the whole
+# sequence decoded and the text after "### Summary:\n" kept. Re-implemented here; only the token counting is ours.
+
+SEED_TEMPLATE = "### Article:\n{document}\n\n### Summary:\n"
+
+
+def seed_format_prompt(document: str) -> str:
+    return SEED_TEMPLATE.format(document=document)
+
+
+def seed_generate_summary(document: str, model, tokenizer, max_new_tokens: int, input_ids=None):
+    """One document, one generate() call. `input_ids` (a list) replaces the seed's tokenization (row a-cut)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if input_ids is None:
+        inputs = tokenizer(seed_format_prompt(document), return_tensors="pt").to(device)
+    else:
+        ids = torch.tensor([input_ids], device=device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        outputs = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=4, do_sample=False,
+                                 early_stopping=True, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(outputs[0], skip_special_tokens=True)
+    summary = text.split("### Summary:\n")[-1].strip()
+    prompt_len = inputs["input_ids"].shape[-1]
+    new = outputs[0, prompt_len:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return summary, prompt_len, len(new)
+
+
+def run_seed(model, tokenizer, documents: list[str], max_new_tokens: int, prompts=None) -> dict[str, Any]:
+    seed_generate_summary(documents[-1][:200], model, tokenizer, 2)  # warm-up, not timed
+    meter = CpuMeter()
+    prompt_tokens = generated = 0
+    with meter.measure():
+        for i, doc in enumerate(documents):
+            _, p, g = seed_generate_summary(doc, model, tokenizer, max_new_tokens,
+                                            None if prompts is None else prompts[i])
+            prompt_tokens += p
+            generated += g
+    return {"seconds": meter.result["wall_s"], "prompt_tokens": prompt_tokens, "generated_tokens": generated,
+            "padding_tokens": 0, "cpu": meter.result}
+
+
+# --- (b) the batched Summarizer ------------------------------------------------------------------------------
+
+
+class PrefillOnce:
+    """Experiment, not the project's code: `generate()` that runs the prompt through the model once per document.
+
+    transformers' beam search repeats each prompt num_beams times *before* the first forward, so the prompt
+    (hundreds of tokens, most of the FLOPs here) is computed 4 times. This proxy prefills all but the last prompt
+    token once, repeats the KV cache for the beams and lets `generate` continue from it; the outputs are
+    token-for-token the same (checked by the benchmark). Everything else is delegated to the wrapped model.
+    """
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, input_ids, attention_mask, num_beams: int = 1, **kwargs):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self._model.config)
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                    position_ids=positions[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(num_beams)
+        return self._model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                                    num_beams=num_beams, **kwargs)
+
+
+def run_summarizer(cfg, model, tokenizer, documents: list[str], batch_size: int) -> dict[str, Any]:
+    from phi2sum.generate import Summarizer
+
+    summarizer = Summarizer(cfg, model=model, tokenizer=tokenizer, batch_size=batch_size)
+    warm = cfg.generation.max_new_tokens
+    cfg.generation.max_new_tokens = 2
+    summarizer.summarize(documents[:2])  # warm-up, not timed
+    cfg.generation.max_new_tokens = warm
+    meter = CpuMeter()
+    with meter.measure():
+        summaries = summarizer.summarize(documents)
+    return {"seconds": meter.result["wall_s"], "predictions": [s.prediction for s in summaries],
+            "prompt_tokens": sum(s.prompt_tokens for s in summaries),
+            "generated_tokens": sum(s.generated_tokens for s in summaries),
+            "padding_tokens": sum(s.padding_tokens for s in summaries),
+            "truncated_documents": sum(s.truncated for s in summaries), "cpu": meter.result}
+
+
+# --- (c) Ray Data, the summarize job's path ------------------------------------------------------------------
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextmanager
+def split_blocks_before_actors(batch_size: int):
+    """Experiment, not the job's code: cut the dataset into blocks of one generation batch before the actor pool.
+
+    summarize_on_ray's `prepare_batch` step emits blocks of up to 256 rows, and Ray Data hands a whole block to
+    one actor, so a shard of <= 256 documents runs on a single actor however many there are. This patches
+    `Dataset.map_batches` (in this driver only) to insert `repartition(target_num_rows_per_block=batch_size)`
+    in front of the SummarizeActor stage, to measure what that one-line change would buy.
+    """
+    import ray.data
+
+    from phi2sum.ray_summarize import SummarizeActor
+
+    original = ray.data.Dataset.map_batches
+
+    def patched(self, fn, *args, **kwargs):
+        if fn is SummarizeActor:
+            self = self.repartition(target_num_rows_per_block=batch_size)
+        return original(self, fn, *args, **kwargs)
+
+    ray.data.Dataset.map_batches = patched
+    try:
+        yield
+    finally:
+        ray.data.Dataset.map_batches = original
+
+
+def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, actor_cpus: float,
+            timeout_s: int, split: bool = False) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from phi2sum.config import load_config
+    from phi2sum.ray_summarize import Shard, summarize_on_ray
+    from phi2sum.ray_train import runtime_env
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-sum-"))
+    source = work / "input.parquet"
+    pq.write_table(pa.Table.from_pylist(records), source)
+    out = work / "preds"
+    cfg = load_config(None, [*overrides, f"data.source={source}", f"ray.actors={actors}",
+                             f"ray.actor_cpus={actor_cpus}", "ray.use_gpu=false"])
+    result: dict[str, Any] = {"actors": actors, "actor_cpus": actor_cpus, "actor_torch_threads": 1}
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(timeout_s)
+    try:
+        started = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, runtime_env=runtime_env(),
+                 log_to_driver=True, configure_logging=False)
+        result["ray_init_s"] = time.perf_counter() - started
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        meter = CpuMeter()
+        with meter.measure(), (split_blocks_before_actors(cfg.generation.batch_size) if split else nullcontext()):
+            done = summarize_on_ray(cfg, str(out), Shard(0, 1))
+        result.update(seconds=meter.result["wall_s"], cpu=meter.result, rows=done["rows"], parts=done["parts"])
+    except _Timeout:
+        result["error"] = f"timed out after {timeout_s}s (a Ray Data deadlock? see stack notes)"
+        shutil.rmtree(work, ignore_errors=True)
+        return result
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        ray.shutdown()
+    try:
+        result.update(_parts_stats(out / Shard(0, 1).name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _parts_stats(shard_dir: Path) -> dict[str, Any]:
+    """Token counts and the warm window (first batch start -> last part committed) from the committed parts."""
+    import pyarrow.parquet as pq
+
+    starts, ends, busy = [], [], 0.0
+    prompt = generated = padding = 0
+    for part in sorted(shard_dir.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        seconds = float(table.column("seconds")[0].as_py())
+        end = part.stat().st_mtime
+        starts.append(end - seconds)
+        ends.append(end)
+        busy += seconds
+        prompt += sum(table.column("prompt_tokens").to_pylist())
+        generated += sum(table.column("generated_tokens").to_pylist())
+        padding += sum(table.column("padding_tokens").to_pylist())
+    return {"prompt_tokens": prompt, "generated_tokens": generated, "padding_tokens": padding,
+            "warm_seconds": (max(ends) - min(starts)) if ends else None, "batch_busy_seconds": busy,
+            # batch-seconds per warm second: ~1 means the batches ran one after another (one busy actor)
+            "overlap": busy / (max(ends) - min(starts)) if ends and max(ends) > min(starts) else None}
+
+
+# --- driver --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=48, help="documents (default 48)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="summary tokens per document (default 32)")
+    p.add_argument("--batch-size", type=str, default="8,16",
+                   help="Summarizer batch size(s), comma-separated (default 8,16); the first is used by Ray")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads for rows a and b (default: nproc)")
+    p.add_argument("--actors", type=str, default="1,2", help="Ray actor counts, comma-separated (default 1,2)")
+    p.add_argument("--actor-cpus", type=float, default=0.5,
+                   help="ray.actor_cpus (default 0.5; 1 deadlocks Ray Data on 2 CPUs, see stack notes)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--skip", type=str, default="", help="rows to skip, comma-separated among a,a-cut,b,c")
+    p.add_argument("--extra-b", action="store_true",
+                   help="also run b (first batch size) with no_repeat_ngram_size=0 and with 1 torch thread")
+    p.add_argument("--prefill-once", action="store_true",
+                   help="also run b (first batch size) with the prompt prefilled once per document instead of once "
+                        "per beam (an experiment wrapping model.generate; row b-N-prefill1)")
+    p.add_argument("--split-blocks", action="store_true",
+                   help="also run the Ray rows with the dataset split into one block per generation batch before "
+                        "the actor pool (an experiment patching Dataset.map_batches in the driver; rows cK-split)")
+    p.add_argument("--ray-timeout", type=int, default=600, help="seconds before a Ray row is declared hung")
+    p.add_argument("--out", type=str, default=None, help="JSON path (default tests/benchmarks/results/...)")
+    return p.parse_args(argv)
+
+
+COLUMNS = [("row", "row", ""), ("docs", "docs", "d"), ("seconds", "seconds", ".1f"), ("docs_per_s", "docs/s", ".3f"),
+           ("gen_tokens_per_s", "gen tok/s", ".1f"), ("speedup_vs_a", "vs a", ".2f"),
+           ("speedup_vs_a_cut", "vs a-cut", ".2f"), ("padding_fraction", "padding", ".3f"),
+           ("prompt_tokens_per_doc", "prompt tok/doc", ".0f"), ("machine_busy_cpus", "busy CPUs", ".2f"),
+           ("note", "note", "")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    batch_sizes = [int(x) for x in args.batch_size.split(",") if x.strip()]
+    actor_counts = [int(x) for x in args.actors.split(",") if x.strip()]
+
+    import torch
+
+    from phi2sum.config import load_config, prompt_token_budget
+    from phi2sum.model import load_for_inference
+    from phi2sum.prompt import encode_prompt
+
+    facts = _common.machine_facts()
+    print(facts["uptime_at_start"], flush=True)
+    model_path, model_info = _common.bench_model_path(args.hidden, args.layers, args.heads, args.intermediate)
+    records, source = _common.load_documents(args.docs)
+    documents = [r["document"] for r in records]
+    overrides = [f"model.base={model_path}", "quantization.load_in_4bit=false", "model.dtype=float32",
+                 "model.device=cpu", f"generation.max_new_tokens={args.max_new_tokens}",
+                 f"generation.batch_size={batch_sizes[0]}", "generation.num_beams=4"]
+    cfg = load_config(None, overrides)
+    print(f"{len(records)} documents from {source}; model {model_info.get('model')} "
+          f"({model_info.get('parameters', 0):,} parameters) at {model_path}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    needs_local = {"a", "a-cut", "b"} - skip
+    if needs_local:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load_for_inference(cfg)
+        seed_tokenizer = AutoTokenizer.from_pretrained(model_path)  # the seed's plain tokenizer (no pad token)
+        budget = prompt_token_budget(cfg)
+        cut_prompts = [encode_prompt(tokenizer, cfg.prompt.template, d, budget).ids for d in documents]
+
+        if "a" not in skip:
+            print("a: seed loop ...", flush=True)
+            rows.append({"row": "a", "note": f"seed loop, full prompts, {args.threads} threads",
+                         **run_seed(model, seed_tokenizer, documents, args.max_new_tokens)})
+        if "a-cut" not in skip:
+            print("a-cut: seed loop on Summarizer's prompts ...", flush=True)
+            rows.append({"row": "a-cut", "note": f"seed loop, prompts cut to {budget} tokens, {args.threads} threads",
+                         **run_seed(model, seed_tokenizer, documents, args.max_new_tokens, cut_prompts)})
+        if "b" not in skip:
+            for bs in batch_sizes:
+                print(f"b-{bs}: Summarizer ...", flush=True)
+                rows.append({"row": f"b-{bs}", "note": f"Summarizer batch {bs}, {args.threads} threads",
+                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+            if args.extra_b:
+                bs = batch_sizes[0]
+                cfg.generation.no_repeat_ngram_size = 0
+                print(f"b-{bs}-nongram: Summarizer without no_repeat_ngram ...", flush=True)
+                rows.append({"row": f"b-{bs}-nongram", "note": "no_repeat_ngram_size=0 (seed's setting)",
+                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+                cfg.generation.no_repeat_ngram_size = 3
+                torch.set_num_threads(1)
+                print(f"b-{bs}-1thread: Summarizer with 1 torch thread ...", flush=True)
+                rows.append({"row": f"b-{bs}-1t", "note": "1 torch thread (what one Ray actor gets)",
+                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+                torch.set_num_threads(args.threads)
+            if args.prefill_once:
+                bs = batch_sizes[0]
+                print(f"b-{bs}-prefill1: Summarizer with the prompt prefilled once per document ...", flush=True)
+                row = {"row": f"b-{bs}-prefill1", "note": "experiment: prompt prefilled once, KV cache repeated "
+                                                          "for the beams",
+                       **run_summarizer(cfg, PrefillOnce(model), tokenizer, documents, bs)}
+                reference = next((r for r in rows if r["row"] == f"b-{bs}"), None)
+                if reference:
+                    same = sum(a == b for a, b in zip(row["predictions"], reference["predictions"]))
+                    row["note"] += f"; {same}/{len(documents)} summaries identical to b-{bs}"
+                    row["identical_to_b"] = same
+                rows.append(row)
+        del model
+
+    ray_details = []
+    if "c" not in skip:
+        for split in (False, True) if args.split_blocks else (False,):
+            for k in actor_counts:
+                name = f"c{k}" + ("-split" if split else "")
+                print(f"{name}: Ray Data, {k} actor(s) ...", flush=True)
+                r = run_ray(overrides, records, k, args.actor_cpus, args.ray_timeout, split)
+                r["row"] = name
+                ray_details.append(r)
+                row = {**r, "note": f"summarize_on_ray, {k} actor(s) x {args.actor_cpus} CPU, 1 thread, batch "
+                                    f"{batch_sizes[0]}" + (", blocks split per batch (experiment)" if split else "")}
+                if "error" in r:
+                    row["note"] = r["error"]
+                rows.append(row)
+                if r.get("warm_seconds"):
+                    rows.append({"row": f"{name}-warm", "note": "same run, after actors are warm (first batch "
+                                                                "start -> last commit)",
+                                 "seconds": r["warm_seconds"], "prompt_tokens": r["prompt_tokens"],
+                                 "generated_tokens": r["generated_tokens"], "padding_tokens": r["padding_tokens"]})
+
+    # derived columns
+    base = {r["row"]: r for r in rows}
+    for r in rows:
+        r["docs"] = len(records) if "seconds" in r else None
+        if "seconds" not in r:
+            continue
+        r["docs_per_s"] = len(records) / r["seconds"]
+        r["gen_tokens_per_s"] = r["generated_tokens"] / r["seconds"]
+        r["padding_fraction"] = r["padding_tokens"] / max(r["padding_tokens"] + r["prompt_tokens"], 1)
+        r["prompt_tokens_per_doc"] = r["prompt_tokens"] / len(records)
+        r["machine_busy_cpus"] = (r.get("cpu") or {}).get("machine_busy_cpus")
+        for ref, key in (("a", "speedup_vs_a"), ("a-cut", "speedup_vs_a_cut")):
+            if ref in base and "seconds" in base[ref]:
+                r[key] = base[ref]["seconds"] / r["seconds"]
+
+    for r in rows:
+        r.pop("predictions", None)
+
+    goals = {}
+    if "a" in base:
+        best_b = max((r for r in rows if r["row"] in {f"b-{bs}" for bs in batch_sizes}),
+                     key=lambda r: r.get("docs_per_s", 0), default=None)
+        if best_b:
+            goals["b_vs_a"] = {"target": 3.0, "measured": round(best_b["speedup_vs_a"], 2), "row": best_b["row"],
+                               "met": best_b["speedup_vs_a"] >= 3.0}
+    for suffix in ("", "-warm", "-split", "-split-warm"):
+        c1, c2 = base.get(f"c1{suffix}"), base.get(f"c2{suffix}")
+        if c1 and c2 and "seconds" in c1 and "seconds" in c2:
+            ratio = c1["seconds"] / c2["seconds"]
+            goals[f"c2_vs_c1{suffix.replace('-', '_')}"] = {"target": 1.5, "measured": round(ratio, 2),
+                                                            "met": ratio >= 1.5}
+
+    table = format_table(rows, COLUMNS)
+    print()
+    print(f"summarize benchmark: {len(records)} docs, {args.max_new_tokens} new tokens, 4 beams, fp32, "
+          f"torch threads for a/b: {args.threads}, nproc {facts['nproc']}")
+    print(table)
+    for name, g in goals.items():
+        print(f"goal {name}: {g['measured']}x (target >= {g['target']}x) -> {'met' if g['met'] else 'MISSED'}")
+    for r in ray_details:
+        if "ray_init_s" in r:
+            print(f"{r['row']}: ray.init {r['ray_init_s']:.1f}s, summarize call {r.get('seconds', 0):.1f}s, "
+                  f"warm window {r.get('warm_seconds') or 0:.1f}s, batch busy {r.get('batch_busy_seconds', 0):.1f}s "
+                  f"(overlap {r.get('overlap') or 0:.2f})")
+    facts["uptime_at_end"] = _common.uptime_line()
+    print(facts["uptime_at_end"])
+
+    data = {"benchmark": "summarize", "args": vars(args), "machine": facts, "torch_threads_a_b": args.threads,
+            "model": model_info, "documents": {"source": source, "count": len(records)},
+            "generation": {"num_beams": 4, "max_new_tokens": args.max_new_tokens, "dtype": "float32",
+                           "load_in_4bit": False, "summarizer_no_repeat_ngram_size": 3,
+                           "prompt_token_budget": prompt_token_budget(cfg)},
+            "rows": rows, "goals": goals, "table": table}
+    path = _common.write_json(args.out or _common.default_out("summarize"), data)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The CLI: help that explains, and one-line errors with a non-zero exit instead of stack traces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PHI2SUM = str(Path(sys.executable).with_name("phi2sum"))
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PHI2SUM, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_help_lists_the_commands():
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("run", "train", "summarize", "evaluate", "demo", "report", "plan"):
+        assert command in out.stdout
+    sub = cli("run", "--help")
+    assert sub.returncode == 0 and "section.key=value" in sub.stdout and "--config" in sub.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--config", "tiny-cpu", "train.learnin_rate=1"], "did you mean 'train.learning_rate'"),
+    (["run", "--config", "tiny-cpu", "generation.num_beams=0"], "'generation.num_beams' is 0"),
+    (["run", "--config", "no-such-preset"], "not found"),
+    (["run", "--config", "tiny-cpu", "model.base=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
+    (["evaluate", "--predictions", "/nonexistent/predictions.parquet"], "/nonexistent/predictions.parquet"),
+])
+def test_user_errors_are_one_line(args, message):
+    out = cli(*args)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip() and " WARNING " not in line]
+    assert len(lines) == 1 and lines[0].startswith("phi2sum: error: "), out.stderr
+    assert message in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_phi2_recipe_offline_says_the_model_could_not_be_fetched(tmp_path):
+    out = cli("run", "--config", "jobs/configs/phi2-xsum-t4.yaml", f"storage.output={tmp_path}",
+              env={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 2
+    assert "could not fetch model 'microsoft/phi-2'" in out.stderr and "Traceback" not in out.stderr
+    assert not any(tmp_path.glob("run-*"))  # failed before writing anything

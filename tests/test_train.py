@@ -1,0 +1,56 @@
+"""Training pieces: labels mask the prompt, the 4-bit path is real, non-finite loss stops, batch arithmetic."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from phi2sum.config import load_config
+from phi2sum.embedded import synthetic_records
+from phi2sum.errors import TrainingError
+from phi2sum.train import StepLog, build_trainer, grad_accum_steps
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    cfg = load_config("tiny-cpu", ["train.max_steps=1"])
+    return build_trainer(cfg, synthetic_records("train")[:8], str(tmp_path_factory.mktemp("out")))
+
+
+def test_loss_is_on_summary_and_eos_only(prepared):
+    tokenizer = prepared.trainer.processing_class
+    row = prepared.trainer.train_dataset[0]
+    labels, ids = row["labels"], row["input_ids"]
+    first = next(i for i, label in enumerate(labels) if label != -100)
+    assert tokenizer.decode(ids[:first]).endswith("### Summary:\n")  # the prompt carries no loss
+    assert all(label == -100 for label in labels[:first])
+    assert labels[first:] == ids[first:] and ids[-1] == tokenizer.eos_token_id  # summary + EOS carry loss
+    assert tokenizer.decode(ids[first:-1]) == synthetic_records("train")[0]["summary"]
+
+
+def test_the_4bit_qlora_path_runs_on_cpu(prepared):
+    import bitsandbytes as bnb
+
+    model = prepared.trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert 0 < prepared.trainable_params < prepared.total_params
+    prepared.trainer.train()  # one real optimizer step through bitsandbytes NF4 + paged AdamW 8-bit on CPU
+    assert prepared.trainer.state.global_step == 1 and prepared.step_log.rows
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    log = StepLog()
+    log.record(SimpleNamespace(global_step=1, epoch=0.1, num_input_tokens_seen=10), {"loss": 2.0})
+    with pytest.raises(TrainingError, match="loss became nan at step 2.*fp16"):
+        log.record(SimpleNamespace(global_step=2, epoch=0.2, num_input_tokens_seen=20), {"loss": math.nan})
+    assert len(log.rows) == 1
+
+
+def test_keep_effective_batch_divides_accumulation():
+    cfg = load_config("phi2-xsum-t4", ["train.keep_effective_batch=true"])
+    assert [grad_accum_steps(cfg, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert grad_accum_steps(load_config("phi2-xsum-t4"), 4) == 8  # off by default: batch grows with workers
+    with pytest.raises(TrainingError, match="not divisible by 3"):
+        grad_accum_steps(cfg, 3)
