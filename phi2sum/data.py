@@ -264,6 +264,9 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None, require_su
     """
     source = split_source(cfg, split)
     raw = read_raw(source, split)
+    if (len(raw) if isinstance(raw, list) else raw.num_rows) == 0:
+        raise DataError(f"{source}: the dataset is empty (no records for split '{split}'); point data.source at a "
+                        "file or folder that holds records")
     mapping = column_map(_columns(raw), cfg.columns, require_summary, source)
     check_unique_ids(_ids(raw, mapping["id"]), source)
     stats = DataStats(source=source)

@@ -154,9 +154,12 @@ def load_adapter(model, uri: str, cfg: Config):
     except (RuntimeError, ValueError, KeyError) as exc:
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             made_for = json.load(f).get("base_model_name_or_path")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's first line is only "Error(s) in loading state_dict for ...:"; the first size mismatch says why
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        made_for = f"'{made_for}'" if made_for else "another base model"
         raise ModelError(f"adapter '{uri}' does not fit base model '{cfg.model.base}' (it was made for "
-                         f"'{made_for}': {str(exc).splitlines()[0][:160]}); set model.base to the model it was "
-                         "trained on") from None
+                         f"{made_for}: {reason[:200]}); set model.base to the model it was trained on") from None
 
 
 def load_for_inference(cfg: Config, adapter: str | None = None, device: torch.device | None = None):

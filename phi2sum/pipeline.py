@@ -146,7 +146,6 @@ def summarize_stage(run: Run, records: list[dict[str, str]], summarizer, name: s
 def run_local(cfg: Config, stages: tuple[str, ...] = ("train", "summarize", "evaluate")) -> Run:
     """The local single-GPU (or CPU) mode: every stage in this process."""
     from phi2sum.data import load_split, load_train_eval
-
     from phi2sum.model import load_tokenizer
 
     wall = time.time()

@@ -58,6 +58,33 @@ class Shard:
         return int.from_bytes(digest[:4], "big") % self.count == self.index
 
 
+def model_identity(cfg: Config) -> str:
+    """What decides the summaries (stored in each part's `model` column): a resumed output must not mix two.
+
+    The generation batch size is left out: a rerun with a smaller batch (e.g. after running out of memory) is
+    still the same job.
+    """
+    generation = {k: v for k, v in vars(cfg.generation).items() if k != "batch_size"}
+    return json.dumps({"base": cfg.model.base, "revision": cfg.model.revision, "adapter": cfg.model.adapter,
+                       "quantization": vars(cfg.quantization), "prompt": vars(cfg.prompt), "generation": generation},
+                      sort_keys=True)
+
+
+def check_same_model(out_dir: str, identity: str, found: list[str]) -> None:
+    """Refuse to resume (or call complete) an output whose summaries were made with another model or settings."""
+    other = next((i for i in found if i is not None and i != identity), None)
+    if other is None:
+        return
+    try:
+        theirs, ours = json.loads(other), json.loads(identity)
+        differ = ", ".join(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)) or "settings"
+    except (TypeError, ValueError):
+        differ = "settings"
+    raise Phi2SumError(f"{out_dir} already holds summaries made with other settings ({differ} differ from this "
+                       "job's); use another output= (or delete that one to start over) rather than mix two models' "
+                       "summaries")
+
+
 def part_name(ids: list[str]) -> str:
     """Deterministic in the batch's ids: a retried batch overwrites its own part instead of adding one."""
     return "part-" + hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:20] + ".parquet"
@@ -78,6 +105,21 @@ def prepare_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str]
     good = [r for r in good if shard.owns(r["id"]) and r["id"] not in done]
     columns = ["id", "document", *(["summary"] if "summary" in mapping else [])]
     return {c: [r.get(c) for r in good] for c in columns}
+
+
+def check_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str]) -> dict[str, list]:
+    """Per row: its id and why it will be skipped ("" when it is good), validated exactly as `prepare_batch` does,
+    so the driver knows which ids must end up summarized (and `data.on_bad_record=error` fails here, up front)."""
+    from phi2sum.config import DataConfig
+    from phi2sum.data import _problem
+
+    cfg = DataConfig(**data_cfg)
+    n = len(next(iter(batch.values()))) if batch else 0
+    rows = [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
+    validate_records(rows, cfg, DataStats(source=cfg.source), require_summary=False)  # raises in error mode
+    problems = [_problem(row, ("document",)) or "" for row in rows]
+    ids = [None if p in ("missing_id", "bad_id") else str(row["id"]).strip() for row, p in zip(rows, problems)]
+    return {"id": ids, "problem": problems}
 
 
 def _plain(value: Any) -> Any:
@@ -102,8 +144,7 @@ class SummarizeActor:
         self.out_dir = out_dir
         self.summarizer = Summarizer(self.cfg, adapter=self.cfg.model.adapter)
         self.batches = 0
-        self.identity = json.dumps({"base": self.cfg.model.base, "adapter": self.cfg.model.adapter,
-                                    "generation": vars(self.cfg.generation)}, sort_keys=True)
+        self.identity = model_identity(self.cfg)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from phi2sum.faults import maybe_fail
@@ -159,6 +200,18 @@ def read_dataset(cfg: Config):
     return ray.data.from_arrow(raw) if isinstance(raw, pa.Table) else ray.data.from_items(raw)
 
 
+def committed_identities(out_dir: str) -> list[str]:
+    """The distinct `model` identities of the parts already in the output (parts are small: no documents)."""
+    found: set[str] = set()
+    for uri in storage.list_files(out_dir):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            table = storage.read_parquet(uri)
+            if "model" in table.column_names:
+                found.update(table.column("model").to_pylist())
+    return sorted(i for i in found if i is not None)
+
+
 def committed(out_dir: str) -> dict[str, list[str]]:
     """part name -> ids, for the parts already in the output."""
     parts = {}
@@ -177,19 +230,34 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     from phi2sum.ray_train import init_ray
 
     out_dir = storage.join(output, shard.name)
+    identity = model_identity(cfg)
     if storage.exists(storage.join(out_dir, SUCCESS)):
         done = storage.read_json(storage.join(out_dir, SUCCESS))
+        check_same_model(out_dir, identity, [done.get("identity")])
         log.info("%s is already complete (%d rows); nothing to do", out_dir, done["rows"])
         return done
+    check_same_model(out_dir, identity, committed_identities(out_dir))  # before any work, or Ray, starts
     init_ray(cfg)
+    # A Phi2SumError in an actor (e.g. S3 unreachable while it writes its part) reaches the driver as itself
+    # (inside a RayTaskError) rather than as Ray Data's UserCodeException, which loses it: the job can then
+    # print its one-line message instead of a remote stack trace.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     started = time.time()
     ds = read_dataset(cfg)
     mapping = column_map(ds.columns(), cfg.data.columns, require_summary=False, source=cfg.data.source)
-    ids = [str(r[mapping["id"]]) for r in ds.select_columns([mapping["id"]]).take_all()
-           if r[mapping["id"]] is not None]
-    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    # Ids and validity only (small), streamed: the ids of bad records are not waited for, but counted.
+    checked = ds.map_batches(check_batch, fn_args=(vars(cfg.data), mapping), batch_size=256, num_cpus=0.25)
+    checked = checked.take_all()
+    dupes = [i for i, n in Counter(r["id"] for r in checked if r["id"] is not None).items() if n > 1]
     if dupes:
         raise DataError(f"{cfg.data.source}: {len(dupes)} duplicate id(s), e.g. {dupes[0]!r}; ids must be unique")
+    skipped = dict(Counter(r["problem"] for r in checked if r["problem"]))
+    ids = [r["id"] for r in checked if not r["problem"]]
+    if not ids:
+        raise DataError(f"{cfg.data.source}: no usable records ({len(checked)} read, skipped: {skipped or 'none'}); "
+                        "check data.source and data.columns")
+    if skipped:
+        log.warning("%s: skipped %d bad record(s): %s", cfg.data.source, sum(skipped.values()), skipped)
     wanted = {i for i in ids if shard.owns(i)}
     before = committed(out_dir)
     done = {i for part_ids in before.values() for i in part_ids}
@@ -207,7 +275,7 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     written = 0
     for batch in results.iter_batches(batch_size=None):  # streaming: parts are committed as batches finish
         written += int(sum(batch["rows"]))
-    return finalize(out_dir, wanted, shard, cfg, time.time() - started, written)
+    return finalize(out_dir, wanted, shard, cfg, time.time() - started, written, skipped)
 
 
 def _planned_batch_size(cfg: Config, gpu: bool) -> int:
@@ -218,7 +286,8 @@ def _planned_batch_size(cfg: Config, gpu: bool) -> int:
     return generation_batch_size(cfg) if gpu else 8
 
 
-def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds: float, written: int) -> dict:
+def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds: float, written: int,
+             skipped: dict[str, int] | None = None) -> dict:
     """Check every id of the shard is committed exactly once, mend a retry's duplicates, write _SUCCESS.json."""
     parts = committed(out_dir)
     seen: dict[str, str] = {}
@@ -241,7 +310,8 @@ def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds:
                            "(another dataset's output?); choose another output location")
     success = {"rows": len(seen), "parts": len(parts), "shard": shard.name, "source": cfg.data.source,
                "model": cfg.model.base, "adapter": cfg.model.adapter, "seconds_this_attempt": round(seconds, 2),
-               "rows_this_attempt": written}
+               "rows_this_attempt": written, "identity": model_identity(cfg),
+               "skipped_in_source": skipped or {}}  # bad records of the whole source (data.on_bad_record=skip)
     storage.write_json(storage.join(out_dir, SUCCESS), success)
     log.info("%s complete: %d rows in %d parts", out_dir, len(seen), len(parts))
     return success

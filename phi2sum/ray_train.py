@@ -31,6 +31,7 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN",
                  "PHI2SUM_CACHE", "PHI2SUM_FAULT", "PHI2SUM_FAULT_ONCE")
 STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"
+RESUMES_FILE = "phi2sum_resumed_from.json"  # the steps this run resumed from, across attempts
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's folder inside a Ray checkpoint
 
 
@@ -77,14 +78,17 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     scratch = tempfile.mkdtemp(prefix=f"phi2sum-rank{rank}-")
     step_log = StepLog(worker=rank)
-    resume = None
+    resume, resumed_from = None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             resume = os.path.join(scratch, "resume")
             shutil.copytree(os.path.join(folder, HF_CHECKPOINT), resume)
         step_log.rows = _restore_rows(resume, rank)
-        log.info("worker %d resuming from %s (step %s)", rank, checkpoint.path, _checkpoint_step(resume))
+        resumed_path = Path(resume, RESUMES_FILE)
+        resumed_from = [*(json.loads(resumed_path.read_text()) if resumed_path.is_file() else []),
+                        _checkpoint_step(resume)]
+        log.warning("worker %d resuming from %s (step %s)", rank, checkpoint.path, resumed_from[-1])
 
     class SaveStepLog(TrainerCallback):
         """Put this worker's step log in each checkpoint before Ray copies it, so a resume keeps the history."""
@@ -93,13 +97,40 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 Path(folder, STEP_LOG_FILE.format(rank=rank)).write_text(json.dumps(step_log.rows))
+                Path(folder, RESUMES_FILE).write_text(json.dumps(resumed_from))
+
+    class WaitUntilRegistered(TrainerCallback):
+        """After a checkpoint is reported, wait until Ray Train's controller has taken it from this worker.
+
+        Ray Train (V2) hands a report to the controller only when the controller next polls the worker (every
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a worker killed in between takes the report with it,
+        and the retry starts from the previous checkpoint (from scratch after the first one) although the new
+        checkpoint is already in storage. Waiting for that poll costs at most one interval per checkpoint.
+        """
+
+        def on_save(self, args, state, control, **kwargs):
+            wait_until_report_taken()
 
     result = train(cfg, records, os.path.join(scratch, "out"), device=device, world_size=world, worker=rank,
                    resume_from_checkpoint=resume, step_log=step_log, adapter_dir=os.path.join(scratch, "adapter"),
-                   callbacks=(SaveStepLog(), RayTrainReportCallback()), disable_tqdm=rank != 0,
-                   save_only_model=False)
+                   callbacks=(SaveStepLog(), RayTrainReportCallback(), WaitUntilRegistered()),
+                   disable_tqdm=rank != 0, save_only_model=False)
     log.info("worker %d done: %d steps, %d tokens in %.1fs", rank, result.steps, result.tokens, result.seconds)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def wait_until_report_taken(timeout_s: float = 120.0) -> bool:
+    """Block until this Ray Train worker's pending report has been polled by the controller; False if unknown."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        pending = get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - not Ray Train V2 (or its internals moved): nothing to wait on
+        return False
+    deadline = time.monotonic() + timeout_s
+    while pending.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pending.unfinished_tasks
 
 
 def _restore_rows(hf_checkpoint: str, rank: int) -> list[dict[str, Any]]:
@@ -175,6 +206,8 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
             rows = [row for f in sorted(Path(hf).glob(STEP_LOG_FILE.format(rank="*")))
                     for row in json.loads(f.read_text())]
             state = json.loads(Path(hf, "trainer_state.json").read_text())
+            resumes = Path(hf, RESUMES_FILE)
+            resumed_from = json.loads(resumes.read_text()) if resumes.is_file() else []
             adapter = os.path.join(tmp, "adapter")
             os.makedirs(adapter)
             for name in os.listdir(hf):
@@ -193,7 +226,7 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "workers": len(workers),
         "effective_batch": cfg.train.batch_size * _grad_accum(cfg) * cfg.ray.num_workers,
         "first_loss": first[0]["loss"] if first else None, "final_loss": first[-1]["loss"] if first else None,
-        "trainable_params": trainable, "backend": "ray",
+        "trainable_params": trainable, "resumed_from_steps": resumed_from, "backend": "ray",
     }
     from phi2sum.pipeline import finish_summary
 

@@ -36,9 +36,8 @@ def test_two_workers_survive_a_crash_and_resume_from_checkpoint(ray_head, tmp_pa
                              env_vars={"PHI2SUM_FAULT": "train_step@3", "PHI2SUM_FAULT_ONCE": str(once)})
     assert result.status == "SUCCEEDED", result.logs[-3000:]
     assert once.exists()  # the fault fired: a worker died at step 3
-    assert "resuming from" in result.logs and "(step 2)" in result.logs  # not from step 0
-
     run = tmp_path / "crash"
+    assert json.loads((run / "summary.json").read_text())["train"]["resumed_from_steps"] == [2]  # not step 0
     assert sorted(p.name for p in run.glob("checkpoint_*"))  # Ray Train checkpoints in the run folder
     state = json.loads(next(run.glob("checkpoint_*/checkpoint/trainer_state.json")).read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -77,8 +76,9 @@ def test_resubmitting_resumes_an_interrupted_run_and_skips_a_finished_one(ray_he
 
     second = ray_head.submit("jobs.train", *args)
     assert second.status == "SUCCEEDED", second.logs[-3000:]
-    assert "(step 4)" in second.logs  # resumed from the checkpoint written before the kill
-    assert json.loads((tmp_path / "again" / "summary.json").read_text())["train"]["steps"] == 6
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())["train"]
+    assert summary["resumed_from_steps"] == [4]  # the checkpoint written before the kill, not step 0
+    assert summary["steps"] == 6
 
     third = ray_head.submit("jobs.train", *args)
     assert third.status == "SUCCEEDED"
@@ -105,4 +105,6 @@ def test_scaling_out_keeps_the_examples_seen_and_one_worker_equals_local(ray_hea
     assert two["tokens"] == one["tokens"] == mine["tokens"]  # the same examples, split over the workers
     ray_losses = [r["loss"] for r in pq.read_table(tmp_path / "one" / "train_log.parquet").to_pylist()]
     local_losses = [r["loss"] for r in pq.read_table(tmp_path / "local" / "train_log.parquet").to_pylist()]
-    assert ray_losses == pytest.approx(local_losses, rel=1e-3)
+    # Same examples in the same order: the same losses, up to float summation order (1 vs 2 torch threads).
+    assert ray_losses == pytest.approx(local_losses, rel=2e-2)
+    assert ray_losses[0] == pytest.approx(local_losses[0], rel=1e-4)
