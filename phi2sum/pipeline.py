@@ -150,17 +150,20 @@ def run_local(cfg: Config, stages: tuple[str, ...] = ("train", "summarize", "eva
 
     wall = time.time()
     load_tokenizer(cfg)  # fail fast, before any data is read or written, when the model cannot be had
+    # Data next, also before the run folder is claimed: bad input must not leave a half-made run behind.
+    if "train" in stages:
+        train_split, eval_split = load_train_eval(cfg.data)
+    elif "summarize" in stages:
+        eval_split = load_split(cfg.data, cfg.data.eval_split, cfg.data.num_eval)
     run = open_run(cfg)
     timings = run.summary.setdefault("stage_seconds", {})
     if "train" in stages:
-        train_split, eval_split = load_train_eval(cfg.data)
         run.summary["data"] = {"train": train_split.stats.to_dict(), "eval": eval_split.stats.to_dict()}
         started = time.time()
         train_stage(run, train_split.records)
         timings["train"] = round(time.time() - started, 2)
         gc.collect()
     elif "summarize" in stages:
-        eval_split = load_split(cfg.data, cfg.data.eval_split, cfg.data.num_eval)
         run.summary.setdefault("data", {})["eval"] = eval_split.stats.to_dict()
     if "summarize" in stages:
         started = time.time()
