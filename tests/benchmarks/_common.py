@@ -118,11 +118,34 @@ class CpuMeter:
             own = (own1.user - own0.user) + (own1.system - own0.system)
             self.result = {
                 "wall_s": wall,
+                "own_cpu_s": own,
                 "own_cpus": round(own / max(wall, 1e-9), 2),
                 "machine_busy_cpus": round(ncpu * (busy1 - busy0) / max(total1 - total0, 1), 2),
                 "loadavg_before": load0,
                 "loadavg_after": loadavg(),
             }
+
+
+def busy_cpus(window_s: float = 2.0) -> float:
+    """CPUs the whole machine kept busy over the next `window_s` seconds (this process idle meanwhile)."""
+    busy0, total0 = _cpu_jiffies()
+    time.sleep(window_s)
+    busy1, total1 = _cpu_jiffies()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_wait_s: float, threshold_cpus: float = 0.3) -> dict[str, Any]:
+    """Wait (up to `max_wait_s`) until other processes use less than `threshold_cpus`; says how it went.
+
+    The machine is shared: a row measured while someone else's job holds a core says little. Call this while
+    the benchmark itself is idle (between rows).
+    """
+    started = time.monotonic()
+    busy = busy_cpus()
+    while busy >= threshold_cpus and time.monotonic() - started < max_wait_s:
+        busy = busy_cpus(5.0)
+    return {"waited_s": round(time.monotonic() - started, 1), "others_busy_cpus_at_start": round(busy, 2),
+            "quiet_at_start": busy < threshold_cpus}
 
 
 # --- documents -----------------------------------------------------------------------------------------------

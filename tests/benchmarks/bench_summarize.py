@@ -198,8 +198,10 @@ def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, ac
     signal.alarm(timeout_s)
     try:
         started = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, runtime_env=runtime_env(),
-                 log_to_driver=True, configure_logging=False)
+        # address="local": always a fresh instance; with no address ray.init would join the cluster most recently
+        # started on this machine (/tmp/ray/ray_current_cluster), e.g. another user's test head.
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False,
+                 runtime_env=runtime_env(), log_to_driver=True, configure_logging=False)
         result["ray_init_s"] = time.perf_counter() - started
         import ray.data
 
@@ -210,6 +212,10 @@ def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, ac
         result.update(seconds=meter.result["wall_s"], cpu=meter.result, rows=done["rows"], parts=done["parts"])
     except _Timeout:
         result["error"] = f"timed out after {timeout_s}s (a Ray Data deadlock? see stack notes)"
+        shutil.rmtree(work, ignore_errors=True)
+        return result
+    except Exception as exc:  # e.g. "node timed out during startup" on an overloaded machine: keep the other rows
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         shutil.rmtree(work, ignore_errors=True)
         return result
     finally:
@@ -272,6 +278,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-blocks", action="store_true",
                    help="also run the Ray rows with the dataset split into one block per generation batch before "
                         "the actor pool (an experiment patching Dataset.map_batches in the driver; rows cK-split)")
+    p.add_argument("--wait-quiet", type=float, default=90,
+                   help="before each row wait up to this many seconds for other processes to use < 0.3 CPU "
+                        "(the machine is shared; 0 = never wait). Each row records what it found")
     p.add_argument("--ray-timeout", type=int, default=600, help="seconds before a Ray row is declared hung")
     p.add_argument("--out", type=str, default=None, help="JSON path (default tests/benchmarks/results/...)")
     return p.parse_args(argv)
@@ -281,7 +290,8 @@ COLUMNS = [("row", "row", ""), ("docs", "docs", "d"), ("seconds", "seconds", ".1
            ("gen_tokens_per_s", "gen tok/s", ".1f"), ("speedup_vs_a", "vs a", ".2f"),
            ("speedup_vs_a_cut", "vs a-cut", ".2f"), ("padding_fraction", "padding", ".3f"),
            ("prompt_tokens_per_doc", "prompt tok/doc", ".0f"), ("machine_busy_cpus", "busy CPUs", ".2f"),
-           ("note", "note", "")]
+           ("other_cpus", "others", ".2f"), ("cpu_s", "own CPU s", ".1f"),
+           ("cpu_speedup_vs_a", "vs a (CPU s)", ".2f"), ("note", "note", "")]
 
 
 def main(argv=None) -> int:
@@ -310,52 +320,55 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
-    needs_local = {"a", "a-cut", "b"} - skip
-    if needs_local:
+
+    def step(name: str, note: str, measure) -> dict[str, Any]:
+        """Wait for a quiet machine (if asked), run one row, print it at once (a killed run keeps its rows)."""
+        quiet = _common.wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+        print(f"{name}: {note} ..." + (f" (waited {quiet['waited_s']}s for quiet: {quiet})" if quiet else ""),
+              flush=True)
+        row = {"row": name, "note": note, "quiet": quiet, **measure()}
+        rows.append(row)
+        if "seconds" in row:
+            print(f"  {name}: {row['seconds']:.1f}s, {row['generated_tokens']} generated tokens, "
+                  f"{row['prompt_tokens']} prompt tokens; {(row.get('cpu') or {})}", flush=True)
+        return row
+
+    if {"a", "a-cut", "b"} - skip:
         from transformers import AutoTokenizer
 
         model, tokenizer = load_for_inference(cfg)
         seed_tokenizer = AutoTokenizer.from_pretrained(model_path)  # the seed's plain tokenizer (no pad token)
         budget = prompt_token_budget(cfg)
         cut_prompts = [encode_prompt(tokenizer, cfg.prompt.template, d, budget).ids for d in documents]
-
         if "a" not in skip:
-            print("a: seed loop ...", flush=True)
-            rows.append({"row": "a", "note": f"seed loop, full prompts, {args.threads} threads",
-                         **run_seed(model, seed_tokenizer, documents, args.max_new_tokens)})
+            step("a", f"seed loop, full prompts, {args.threads} threads",
+                 lambda: run_seed(model, seed_tokenizer, documents, args.max_new_tokens))
         if "a-cut" not in skip:
-            print("a-cut: seed loop on Summarizer's prompts ...", flush=True)
-            rows.append({"row": "a-cut", "note": f"seed loop, prompts cut to {budget} tokens, {args.threads} threads",
-                         **run_seed(model, seed_tokenizer, documents, args.max_new_tokens, cut_prompts)})
+            step("a-cut", f"seed loop, prompts cut to {budget} tokens, {args.threads} threads",
+                 lambda: run_seed(model, seed_tokenizer, documents, args.max_new_tokens, cut_prompts))
         if "b" not in skip:
             for bs in batch_sizes:
-                print(f"b-{bs}: Summarizer ...", flush=True)
-                rows.append({"row": f"b-{bs}", "note": f"Summarizer batch {bs}, {args.threads} threads",
-                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+                step(f"b-{bs}", f"Summarizer batch {bs}, {args.threads} threads",
+                     lambda: run_summarizer(cfg, model, tokenizer, documents, bs))
+            bs = batch_sizes[0]
             if args.extra_b:
-                bs = batch_sizes[0]
                 cfg.generation.no_repeat_ngram_size = 0
-                print(f"b-{bs}-nongram: Summarizer without no_repeat_ngram ...", flush=True)
-                rows.append({"row": f"b-{bs}-nongram", "note": "no_repeat_ngram_size=0 (seed's setting)",
-                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+                step(f"b-{bs}-nongram", f"Summarizer batch {bs}, no_repeat_ngram_size=0 (the seed's setting)",
+                     lambda: run_summarizer(cfg, model, tokenizer, documents, bs))
                 cfg.generation.no_repeat_ngram_size = 3
                 torch.set_num_threads(1)
-                print(f"b-{bs}-1thread: Summarizer with 1 torch thread ...", flush=True)
-                rows.append({"row": f"b-{bs}-1t", "note": "1 torch thread (what one Ray actor gets)",
-                             **run_summarizer(cfg, model, tokenizer, documents, bs)})
+                step(f"b-{bs}-1t", f"Summarizer batch {bs}, 1 torch thread (what one Ray actor gets)",
+                     lambda: run_summarizer(cfg, model, tokenizer, documents, bs))
                 torch.set_num_threads(args.threads)
             if args.prefill_once:
-                bs = batch_sizes[0]
-                print(f"b-{bs}-prefill1: Summarizer with the prompt prefilled once per document ...", flush=True)
-                row = {"row": f"b-{bs}-prefill1", "note": "experiment: prompt prefilled once, KV cache repeated "
-                                                          "for the beams",
-                       **run_summarizer(cfg, PrefillOnce(model), tokenizer, documents, bs)}
+                row = step(f"b-{bs}-prefill1", f"experiment: batch {bs}, prompt prefilled once, KV cache repeated "
+                                               "for the beams",
+                           lambda: run_summarizer(cfg, PrefillOnce(model), tokenizer, documents, bs))
                 reference = next((r for r in rows if r["row"] == f"b-{bs}"), None)
-                if reference:
-                    same = sum(a == b for a, b in zip(row["predictions"], reference["predictions"]))
+                if reference and "predictions" in row:
+                    same = sum(x == y for x, y in zip(row["predictions"], reference["predictions"]))
                     row["note"] += f"; {same}/{len(documents)} summaries identical to b-{bs}"
                     row["identical_to_b"] = same
-                rows.append(row)
         del model
 
     ray_details = []
@@ -363,15 +376,12 @@ def main(argv=None) -> int:
         for split in (False, True) if args.split_blocks else (False,):
             for k in actor_counts:
                 name = f"c{k}" + ("-split" if split else "")
-                print(f"{name}: Ray Data, {k} actor(s) ...", flush=True)
-                r = run_ray(overrides, records, k, args.actor_cpus, args.ray_timeout, split)
-                r["row"] = name
+                note = (f"summarize_on_ray, {k} actor(s) x {args.actor_cpus} CPU, 1 thread, batch {batch_sizes[0]}"
+                        + (", blocks split per batch (experiment)" if split else ""))
+                r = step(name, note, lambda: run_ray(overrides, records, k, args.actor_cpus, args.ray_timeout, split))
                 ray_details.append(r)
-                row = {**r, "note": f"summarize_on_ray, {k} actor(s) x {args.actor_cpus} CPU, 1 thread, batch "
-                                    f"{batch_sizes[0]}" + (", blocks split per batch (experiment)" if split else "")}
                 if "error" in r:
-                    row["note"] = r["error"]
-                rows.append(row)
+                    r["note"] = r["error"]
                 if r.get("warm_seconds"):
                     rows.append({"row": f"{name}-warm", "note": "same run, after actors are warm (first batch "
                                                                 "start -> last commit)",
@@ -389,9 +399,18 @@ def main(argv=None) -> int:
         r["padding_fraction"] = r["padding_tokens"] / max(r["padding_tokens"] + r["prompt_tokens"], 1)
         r["prompt_tokens_per_doc"] = r["prompt_tokens"] / len(records)
         r["machine_busy_cpus"] = (r.get("cpu") or {}).get("machine_busy_cpus")
+        if r["machine_busy_cpus"] is not None and not r["row"].startswith("c"):
+            # CPUs busy with something other than this process (other users; Ray rows run in other processes)
+            r["other_cpus"] = max(0.0, r["machine_busy_cpus"] - r["cpu"]["own_cpus"])
         for ref, key in (("a", "speedup_vs_a"), ("a-cut", "speedup_vs_a_cut")):
             if ref in base and "seconds" in base[ref]:
                 r[key] = base[ref]["seconds"] / r["seconds"]
+        if not r["row"].startswith("c") and r.get("cpu"):
+            # With 1 torch thread the process's CPU seconds are the work itself, whatever else the machine runs:
+            # a contention-robust companion of the wall-clock speed-up (not meaningful for OpenMP spin at > 1).
+            r["cpu_s"] = r["cpu"]["own_cpu_s"]
+            if "a" in base and (base["a"].get("cpu") or {}).get("own_cpu_s"):
+                r["cpu_speedup_vs_a"] = base["a"]["cpu"]["own_cpu_s"] / r["cpu_s"]
 
     for r in rows:
         r.pop("predictions", None)
