@@ -17,8 +17,11 @@ step), so wall - worker_train_s is the full overhead of each mode.
 Part (b), throughput. `phi2sum.train.train` (the function every mode runs) on the first XSum train-sample
 records, prompt.max_length=512 (documents cut to fit), on a randomly initialised Phi-shaped model with the real
 Phi-2 tokenizer and vocabulary, 4-bit NF4 + LoRA r=16 as the recipe (batch 1, gradient checkpointing,
-paged_adamw_8bit), for each --threads value in this process. tokens/s counts the non-padding tokens the trainer
-saw; `steady` leaves out the first optimizer step (warm-up). Prints tables and writes JSON.
+paged_adamw_8bit), for each --threads value in this process; then the same with `phi2sum.ray_train.train_on_ray`
+on a fresh in-process Ray instance with --ray-workers workers (nproc/workers CPUs and threads each; each worker
+does the same number of optimizer steps on its share of the data). tokens/s/worker counts the non-padding
+tokens the trainer saw (Ray: the gathered total / workers) over the training loop alone; `steady` leaves out the
+first optimizer step (warm-up). Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -184,7 +187,11 @@ def overhead_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         head.stop()
         head_info["ray_stop_s"] = time.perf_counter() - stopped
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(head.temp_dir, ignore_errors=True)
+        if all(r.get("status", "SUCCEEDED") == "SUCCEEDED" for r in rows):
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
+        else:  # keep the head's logs to see why a job failed
+            head_info["logs_kept_in"] = head.temp_dir
+            print(f"Ray head logs kept in {head.temp_dir}", flush=True)
     for r in rows:
         if r.get("train_s") is not None:
             r["startup_s"] = r["wall_s"] - r["train_s"]
@@ -200,24 +207,42 @@ def overhead_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 # --- (b) tokens/s --------------------------------------------------------------------------------------------
 
 
+def _throughput_overrides(args, model_path: str, four_bit: bool) -> list[str]:
+    from _common import XSUM_DIR
+
+    sample = XSUM_DIR / "train-sample.jsonl"
+    source = str(sample) if sample.is_file() else "embedded:synthetic-xsum"
+    return [f"model.base={model_path}", f"quantization.load_in_4bit={str(four_bit).lower()}", "model.device=cpu",
+            f"data.source={source}", f"data.num_train={args.records}", "data.num_eval=1",
+            "prompt.max_length=512", f"train.max_steps={args.tp_steps}", f"train.grad_accum={args.grad_accum}",
+            "train.batch_size=1", "train.logging_steps=1", "train.warmup_steps=0",
+            f"train.save_steps={args.tp_steps + 1}"]
+
+
+def _steady(log: list[dict[str, Any]], workers: int = 1) -> float | None:
+    """Tokens/s per worker between the first and the last logged step (leaves out the first step's warm-up)."""
+    if len(log) < 2:
+        return None
+    return (log[-1]["tokens"] - log[0]["tokens"]) / workers / max(log[-1]["seconds"] - log[0]["seconds"], 1e-9)
+
+
 def throughput_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import torch
 
     from phi2sum.config import load_config
+    from phi2sum.data import load_train
     from phi2sum.train import StepLog, train
 
     model_path, model_info = _common.bench_model_path(args.hidden, args.layers, args.heads, args.intermediate)
-    records, source = _common.load_train_records(args.records)
     rows = []
+    source = None
     for threads in args.threads:
         for four_bit in args.four_bit:
-            cfg = load_config(None, [f"model.base={model_path}", f"quantization.load_in_4bit={str(four_bit).lower()}",
-                                     "model.device=cpu", "prompt.max_length=512", f"train.max_steps={args.tp_steps}",
-                                     f"train.grad_accum={args.grad_accum}", "train.batch_size=1",
-                                     "train.logging_steps=1", "train.warmup_steps=0",
-                                     f"train.save_steps={args.tp_steps + 1}"])
+            cfg = load_config(None, _throughput_overrides(args, model_path, four_bit))
+            records = load_train(cfg.data).records  # the same seeded subset the Ray workers load
+            source = cfg.data.source
             torch.set_num_threads(threads)
-            label = f"{'4-bit' if four_bit else 'fp32'}, {threads} thread(s)"
+            label = f"local, {'4-bit' if four_bit else 'fp32'}, {threads} thread(s)"
             print(f"(b) phi2sum.train.train: {label}, {args.tp_steps} steps x {args.grad_accum} sequences ...",
                   flush=True)
             step_log = StepLog()
@@ -226,19 +251,60 @@ def throughput_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 with meter.measure():
                     result = train(cfg, records, tmp, step_log=step_log, disable_tqdm=True)
             log = result.log
-            row = {"setting": label, "threads": threads, "load_in_4bit": four_bit, "steps": result.steps,
-                   "sequences": result.steps * args.grad_accum, "tokens": result.tokens,
-                   "train_s": result.seconds, "call_s": meter.result["wall_s"],
-                   "tokens_per_s": result.tokens / result.seconds, "cpu": meter.result,
-                   "machine_busy_cpus": meter.result["machine_busy_cpus"],
-                   "tokens_per_seq": result.tokens / max(result.steps * args.grad_accum, 1),
-                   "truncated_examples": result.examples.get("truncated"), "log": log}
-            if len(log) >= 2:
-                row["steady_tokens_per_s"] = (log[-1]["tokens"] - log[0]["tokens"]) / max(
-                    log[-1]["seconds"] - log[0]["seconds"], 1e-9)
-            rows.append(row)
+            loop_s = log[-1]["seconds"] if log else result.seconds  # as the Ray rows measure it (StepLog)
+            rows.append({"setting": label, "workers": 1, "threads": threads, "load_in_4bit": four_bit,
+                         "steps": result.steps, "sequences": result.steps * args.grad_accum, "tokens": result.tokens,
+                         "train_s": loop_s, "trainer_train_s": result.seconds, "call_s": meter.result["wall_s"],
+                         "tokens_per_s": result.tokens / loop_s, "cpu": meter.result,
+                         "machine_busy_cpus": meter.result["machine_busy_cpus"],
+                         "tokens_per_seq": result.tokens / max(result.steps * args.grad_accum, 1),
+                         "truncated_examples": result.examples.get("truncated"), "log": log,
+                         "steady_tokens_per_s": _steady(log)})
     torch.set_num_threads(os.cpu_count() or 1)
+    for workers in args.ray_workers:
+        rows.append(_ray_throughput(args, model_path, workers))
     return rows, {"model": model_info, "records": source}
+
+
+def _ray_throughput(args, model_path: str, workers: int) -> dict[str, Any]:
+    """The same training with `train_on_ray` on a fresh in-process Ray instance; per-worker rates from the log."""
+    import ray
+
+    from phi2sum.config import load_config
+    from phi2sum.ray_train import runtime_env, train_on_ray
+
+    cpus = (os.cpu_count() or 2) / workers
+    label = f"ray, 4-bit, {workers} worker(s) x {cpus:g} CPU"
+    print(f"(b) train_on_ray: {label}, {args.tp_steps} steps x {args.grad_accum} sequences per worker ...", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-tp-ray-"))
+    cfg = load_config(None, [*_throughput_overrides(args, model_path, True), f"storage.output={work}",
+                             f"run.name=tp{workers}w", f"ray.num_workers={workers}", f"ray.cpus_per_worker={cpus}",
+                             "ray.use_gpu=false"])
+    row: dict[str, Any] = {"setting": label, "workers": workers, "threads": max(1, int(cpus)), "load_in_4bit": True}
+    meter = _common.CpuMeter()
+    try:
+        with meter.measure():
+            ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False,
+                     runtime_env=runtime_env(), log_to_driver=False, configure_logging=False)
+            train_on_ray(cfg)
+    except Exception as exc:  # report, keep the other rows
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return row
+    finally:
+        ray.shutdown()
+    out = _run_outputs(work / f"tp{workers}w")
+    import pyarrow.parquet as pq
+
+    log = [r for r in pq.read_table(work / f"tp{workers}w" / "train_log.parquet").to_pylist() if r["worker"] == 0]
+    shutil.rmtree(work, ignore_errors=True)
+    tokens = out.get("tokens") or 0  # gathered over the workers
+    row.update(steps=out.get("steps"), sequences=(out.get("steps") or 0) * args.grad_accum * workers, tokens=tokens,
+               train_s=out.get("worker_train_s"), call_s=meter.result["wall_s"], fit_s=out.get("train_s"),
+               tokens_per_s=tokens / workers / out["worker_train_s"] if out.get("worker_train_s") else None,
+               machine_busy_cpus=meter.result["machine_busy_cpus"],
+               tokens_per_seq=tokens / max((out.get("steps") or 0) * args.grad_accum * workers, 1),
+               steady_tokens_per_s=_steady(log, workers), log=log, cpu=meter.result)
+    return row
 
 
 # --- driver --------------------------------------------------------------------------------------------------
@@ -261,11 +327,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=str, default=str(os.cpu_count() or 1),
                    help="(b) torch thread counts, comma-separated (default nproc)")
     p.add_argument("--four-bit", type=str, default="true", help="(b) load_in_4bit values, e.g. true,false")
+    p.add_argument("--ray-workers", type=str, default="1,2",
+                   help="(b) also train with train_on_ray on this many workers (per-worker tokens/s); '' = none")
     p.add_argument("--skip", type=str, default="", help="parts to skip: overhead, throughput")
     p.add_argument("--out", type=str, default=None, help="JSON path (default tests/benchmarks/results/...)")
     args = p.parse_args(argv)
     args.workers = [int(x) for x in args.workers.split(",") if x.strip()]
     args.threads = [int(x) for x in args.threads.split(",") if x.strip()]
+    args.ray_workers = [int(x) for x in args.ray_workers.split(",") if x.strip()]
     args.four_bit = [x.strip().lower() in ("1", "true", "yes") for x in args.four_bit.split(",") if x.strip()]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
@@ -277,9 +346,10 @@ OVERHEAD_COLUMNS = [("mode", "mode", ""), ("cpus_per_worker", "CPU/worker", ".1f
                     ("overhead_s", "wall - loop s", ".1f"), ("tokens", "tokens", "d"),
                     ("tokens_per_s_per_worker", "tok/s/worker", ".0f"), ("status", "status", "")]
 THROUGHPUT_COLUMNS = [("setting", "setting", ""), ("steps", "steps", "d"), ("sequences", "seqs", "d"),
-                      ("tokens_per_seq", "tok/seq", ".0f"), ("train_s", "train s", ".1f"),
-                      ("tokens_per_s", "tok/s", ".1f"), ("steady_tokens_per_s", "steady tok/s", ".1f"),
-                      ("machine_busy_cpus", "busy CPUs", ".2f")]
+                      ("tokens_per_seq", "tok/seq", ".0f"), ("train_s", "train loop s", ".1f"),
+                      ("call_s", "call s", ".1f"), ("tokens_per_s", "tok/s/worker", ".1f"),
+                      ("steady_tokens_per_s", "steady tok/s/worker", ".1f"), ("machine_busy_cpus", "busy CPUs", ".2f"),
+                      ("error", "error", "")]
 
 
 def main(argv=None) -> int:
@@ -305,7 +375,7 @@ def main(argv=None) -> int:
         data["throughput"] = {"rows": rows, **info, "prompt_max_length": 512}
         table = format_table(rows, THROUGHPUT_COLUMNS)
         m = info["model"]
-        tables.append(f"(b) phi2sum.train.train tokens/s, 1 process, seq <= 512, "
+        tables.append(f"(b) phi2sum.train.train tokens/s per worker, seq <= 512, "
                       f"{m.get('model')} hidden {m.get('hidden_size')} x {m.get('num_hidden_layers')} layers "
                       f"({m.get('parameters', 0):,} params), LoRA r=16, batch 1, grad ckpt\n{table}")
         print("\n" + tables[-1], flush=True)

@@ -18,7 +18,17 @@ tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
          the documents with K actors of `ray.actor_cpus` CPUs and 1 torch thread each, on a fresh local Ray
          instance of nproc CPUs. `seconds` is the summarize call end to end (actor start-up and model loading
          included; `ray.init` is reported apart); the `warm` columns cover only the span from the first batch
-         starting to the last batch committed (from the parts' timings), i.e. throughput once actors are up.
+         starting to the last batch committed (from the parts' timings), i.e. throughput once actors are up
+         (row cK-warm).
+
+Optional rows: --extra-b (b without no_repeat_ngram, and b at 1 thread), --prefill-once (b with the prompt run
+through the model once per document instead of once per beam; outputs compared with b), --split-blocks (cK with
+the dataset cut into one block per batch before the actor pool). Both experiments patch nothing in phi2sum: they
+wrap `model.generate` / `Dataset.map_batches` in this process only.
+
+The machine may be shared: before each row the script waits (--wait-quiet seconds at most) for other processes
+to go idle and records per row what the machine did (busy CPUs, CPUs used by others, own CPU seconds). Two
+OpenMP threads slow down several-fold when another process holds a core, so compare rows with others ~ 0.
 
 a and b run in this process with the same torch thread count (--threads, default: all CPUs). Random weights
 almost never emit EOS, so every path generates (close to) --max-new-tokens per document; tokens/s counts
@@ -437,7 +447,9 @@ def main(argv=None) -> int:
     for name, g in goals.items():
         print(f"goal {name}: {g['measured']}x (target >= {g['target']}x) -> {'met' if g['met'] else 'MISSED'}")
     for r in ray_details:
-        if "ray_init_s" in r:
+        if "error" in r:
+            print(f"{r['row']}: {r['error']}")
+        elif "ray_init_s" in r:
             print(f"{r['row']}: ray.init {r['ray_init_s']:.1f}s, summarize call {r.get('seconds', 0):.1f}s, "
                   f"warm window {r.get('warm_seconds') or 0:.1f}s, batch busy {r.get('batch_busy_seconds', 0):.1f}s "
                   f"(overlap {r.get('overlap') or 0:.2f})")
