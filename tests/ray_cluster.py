@@ -75,7 +75,40 @@ class RayHead:
         raise RuntimeError("the Ray dashboard's job server did not come up")
 
     def stop(self) -> None:
-        self._ray("stop", "--force", timeout=120)
+        """Stop this head's processes only: `ray stop` would kill every Ray cluster on the machine.
+
+        Every process of the head names its temp dir on its command line, and workers are their children.
+        """
+        import shutil
+
+        import psutil
+
+        roots = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                    roots.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        victims = {}
+        for root in roots:
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    victims[proc.pid] = proc
+            except psutil.NoSuchProcess:
+                continue
+        for proc in victims.values():
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(victims.values()), timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def submit(self, module: str, *args: str, env_vars: dict[str, str] | None = None,
                submission_id: str | None = None, timeout: float = 600) -> JobResult:

@@ -151,41 +151,39 @@ def wait_for_quiet(max_wait_s: float, threshold_cpus: float = 0.3) -> dict[str, 
 # --- documents -----------------------------------------------------------------------------------------------
 
 
+def _read_sample(name: str, n: int) -> list[dict[str, str]] | None:
+    """The first `n` records of ../shared/data/xsum/<name>, or None when it is absent."""
+    sample = XSUM_DIR / name
+    if not sample.is_file():
+        return None
+    records = []
+    with sample.open(encoding="utf-8") as f:
+        for line in f:
+            if len(records) >= n:
+                break
+            if line.strip():
+                row = json.loads(line)
+                records.append({"id": str(row["id"]), "document": row["document"], "summary": row["summary"]})
+    return records
+
+
 def load_documents(n: int) -> tuple[list[dict[str, str]], str]:
     """The first `n` records of the real XSum validation sample, else of the embedded synthetic test split."""
-    sample = XSUM_DIR / "validation-sample.jsonl"
-    if sample.is_file():
-        records = []
-        with sample.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    records.append({"id": str(row["id"]), "document": row["document"], "summary": row["summary"]})
-                if len(records) >= n:
-                    break
-        return records, str(sample)
-    from phi2sum.embedded import EMBEDDED_DATA, synthetic_records
-
-    return [{"id": r["id"], "document": r["document"], "summary": r["summary"]}
-            for r in synthetic_records("test")[:n]], f"{EMBEDDED_DATA} (test split)"
+    return _records("validation-sample.jsonl", "test", n)
 
 
 def load_train_records(n: int) -> tuple[list[dict[str, str]], str]:
     """Training records: the real XSum train sample when present, else the embedded synthetic train split."""
-    sample = XSUM_DIR / "train-sample.jsonl"
-    if sample.is_file():
-        records = []
-        with sample.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    records.append({"id": str(row["id"]), "document": row["document"], "summary": row["summary"]})
-                if len(records) >= n:
-                    break
-        return records, str(sample)
+    return _records("train-sample.jsonl", "train", n)
+
+
+def _records(sample: str, split: str, n: int) -> tuple[list[dict[str, str]], str]:
+    records = _read_sample(sample, n)
+    if records is not None:
+        return records, str(XSUM_DIR / sample)
     from phi2sum.embedded import EMBEDDED_DATA, synthetic_records
 
-    return synthetic_records("train")[:n], f"{EMBEDDED_DATA} (train split)"
+    return synthetic_records(split)[:n], f"{EMBEDDED_DATA} ({split} split)"
 
 
 # --- the benchmark model -------------------------------------------------------------------------------------

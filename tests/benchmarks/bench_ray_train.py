@@ -45,51 +45,6 @@ from _common import REPO, format_table  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def own_head_class():
-    """tests/ray_cluster.py's RayHead, stopped without `ray stop`.
-
-    `ray stop --force` kills every Ray process on the machine (it matches process names, not sessions), so on a
-    machine shared by several people it also kills their clusters and test heads. This stops only the processes
-    whose command line names this head's temp dir, and their descendants (the workers).
-    """
-    from ray_cluster import RayHead
-
-    class OwnHead(RayHead):
-        def stop(self) -> None:
-            import psutil
-
-            roots = []
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
-                        roots.append(proc)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            victims = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
-            for proc in victims.values():
-                try:
-                    proc.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(list(victims.values()), timeout=15)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-
-    return OwnHead
-
-
-def _descendants(proc):
-    import psutil
-
-    try:
-        return proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 # --- (a) overhead --------------------------------------------------------------------------------------------
 
 
@@ -162,7 +117,7 @@ def run_ray_job(head, workers: int, cpus_per_worker: float, overrides: list[str]
 def overhead_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from phi2sum.embedded import tiny_model_path
 
-    RayHead = own_head_class()
+    from ray_cluster import RayHead  # stops only its own processes, not other clusters on the machine
 
     tiny_model_path()  # build the embedded model now (once, cached) so no row pays for it
     overrides = [f"train.max_steps={args.steps}", "train.logging_steps=1", f"train.save_steps={args.steps}"]
