@@ -4,6 +4,11 @@ It is used as-is in local mode and as the Ray Data actor class (`map_batches` ca
 columns). Batches are sorted by prompt length to cut padding; only the new tokens are decoded and the text
 is cut at EOS, so a model that rambles past its summary is not rewarded (the seed notebook decoded the
 whole sequence and split on the template).
+
+Beam search in `generate()` copies each prompt once per beam before its first forward pass, so the prompt --
+hundreds of tokens against a few dozen summary tokens, most of the work -- would be computed `num_beams` times.
+The Summarizer runs the prompt through the model once, repeats the KV cache for the beams and lets `generate()`
+continue from there: the same tokens come out (tested), 1.4x faster on CPU and with a smaller prefill peak.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from phi2sum.config import Config, prompt_token_budget
 from phi2sum.model import load_for_inference
@@ -33,6 +39,22 @@ class Summary:
 
 def normalize(text: str) -> str:
     return " ".join(text.split())
+
+
+class NoRepeatNGramInSummary(NoRepeatNGramLogitsProcessor):
+    """`no_repeat_ngram_size` over the generated tokens only.
+
+    transformers' processor also counts the prompt on a decoder-only model, so a summary could not reuse any
+    n-word phrase of its article ("the Bank of England", a name and title), which summaries do all the time; it
+    also rescans the whole prompt at every step. With left padding every row's summary starts at `prompt_width`.
+    """
+
+    def __init__(self, ngram_size: int, prompt_width: int):
+        super().__init__(ngram_size)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return super().__call__(input_ids[:, self.prompt_width:], scores)
 
 
 def _avoid_bnb_inference_repack(model) -> None:
@@ -60,6 +82,7 @@ class Summarizer:
         self.batch_size = batch_size or cfg.generation.batch_size or 8
         self.max_prompt_tokens = prompt_token_budget(cfg)
         self.device = next(model.parameters()).device
+        self.prefill_once = True  # off only to compare against plain generate() (tests, benchmark)
         _avoid_bnb_inference_repack(model)
 
     # -- core ----------------------------------------------------------------------------------------------
@@ -103,17 +126,24 @@ class Summarizer:
             input_ids[row, width - len(p.ids):] = torch.tensor(p.ids)
             attention[row, width - len(p.ids):] = 1
         g = self.cfg.generation
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        extra = {}
+        if g.no_repeat_ngram_size:
+            extra["logits_processor"] = LogitsProcessorList([NoRepeatNGramInSummary(g.no_repeat_ngram_size, width)])
+        if self.prefill_once and g.num_beams > 1:
+            extra["cache"] = self._prefill(input_ids, attention, g.num_beams)
         output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
+            input_ids=input_ids,
+            attention_mask=attention,
             max_new_tokens=g.max_new_tokens,
             num_beams=g.num_beams,
             length_penalty=g.length_penalty,
-            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            no_repeat_ngram_size=0,  # a model's own default would count the prompt; ours is in logits_processor
             early_stopping=g.early_stopping if g.num_beams > 1 else False,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=eos,
+            **extra,
         )
         new_tokens = output[:, width:].tolist()
         summaries = []
@@ -123,6 +153,21 @@ class Summarizer:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             summaries.append(Summary(normalize(text), len(p.ids), len(tokens), p.truncated, width - len(p.ids)))
         return summaries
+
+    def _prefill(self, input_ids, attention, num_beams: int):
+        """KV cache of every prompt token but the last, computed once per document and repeated per beam.
+
+        `generate()` sees a cache one token shorter than the prompt, so it feeds only the last prompt token and
+        goes on as usual. Position ids follow the attention mask (left padding), as `generate()` itself does.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(num_beams)
+        return cache
 
     # -- Ray Data interface --------------------------------------------------------------------------------
 

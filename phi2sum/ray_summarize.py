@@ -95,7 +95,8 @@ def part_name(ids: list[str]) -> str:
 
 def prepare_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str], shard: Shard,
                   done: set[str]) -> dict[str, list]:
-    """Map source columns, validate as in local mode, keep this shard's ids and drop ids already committed."""
+    """Map source columns, validate as in local mode, keep this shard's ids and drop ids already committed;
+    longest documents first."""
     from phi2sum.config import DataConfig
 
     cfg = DataConfig(**data_cfg)
@@ -103,6 +104,9 @@ def prepare_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str]
     rows = [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
     good = validate_records(rows, cfg, DataStats(source=cfg.source), require_summary=False)
     good = [r for r in good if shard.owns(r["id"]) and r["id"] not in done]
+    # Longest first (stable, so reruns cut the same batches): the actors' batches are consecutive runs of these
+    # rows, and rows of similar length pad little (the Summarizer can only sort within the batch it is given).
+    good.sort(key=lambda r: -len(r["document"]))
     columns = ["id", "document", *(["summary"] if "summary" in mapping else [])]
     return {c: [r.get(c) for r in good] for c in columns}
 

@@ -1,6 +1,6 @@
 """Summarization throughput: the seed notebook's one-at-a-time loop vs the batched `Summarizer` vs Ray Data.
 
-    .venv/bin/python tests/benchmarks/bench_summarize.py                    # defaults: 48 docs, 32 new tokens
+    .venv/bin/python tests/benchmarks/bench_summarize.py                    # defaults: 96 docs, 32 new tokens
     .venv/bin/python tests/benchmarks/bench_summarize.py --docs 16 --skip c  # quick, no Ray
 
 Everything runs on the same documents (the first --docs records of ../shared/data/xsum/validation-sample.jsonl,
@@ -12,8 +12,9 @@ tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
          whole article in the prompt (no truncation), the whole output decoded and split on "### Summary:\n".
   a-cut  the same loop on exactly the prompts `Summarizer` uses (document cut to the prompt token budget), so
          b vs a-cut isolates what batching buys and a vs a-cut what truncation buys.
-  b-N    `phi2sum.generate.Summarizer` with batch size N (longest-first order, left padding), the project's
-         generation defaults (no_repeat_ngram_size=3, length_penalty 1.0).
+  b-N    `phi2sum.generate.Summarizer` with batch size N (longest-first order, left padding, prompt prefilled once
+         per document and its KV cache repeated for the beams), the project's generation defaults
+         (no_repeat_ngram_size=3, length_penalty 1.0).
   cK     `phi2sum.ray_summarize.summarize_on_ray` (the summarize job's code path) over a local Parquet copy of
          the documents with K actors of `ray.actor_cpus` CPUs and 1 torch thread each, on a fresh local Ray
          instance of nproc CPUs. `seconds` is the summarize call end to end (actor start-up and model loading
@@ -21,10 +22,8 @@ tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
          starting to the last batch committed (from the parts' timings), i.e. throughput once actors are up
          (row cK-warm).
 
-Optional rows: --extra-b (b without no_repeat_ngram, and b at 1 thread), --prefill-once (b with the prompt run
-through the model once per document instead of once per beam; outputs compared with b), --split-blocks (cK with
-the dataset cut into one block per batch before the actor pool). Both experiments patch nothing in phi2sum: they
-wrap `model.generate` / `Dataset.map_batches` in this process only.
+Optional rows (--extra-b): b without no_repeat_ngram, b at 1 thread (what one Ray actor gets), and b with plain
+`generate()` prefilling the prompt once per beam (`Summarizer.prefill_once = False`; outputs compared with b).
 
 The machine may be shared: before each row the script waits (--wait-quiet seconds at most) for other processes
 to go idle and records per row what the machine did (busy CPUs, CPUs used by others, own CPU seconds). Two
@@ -44,7 +43,6 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,37 +102,12 @@ def run_seed(model, tokenizer, documents: list[str], max_new_tokens: int, prompt
 # --- (b) the batched Summarizer ------------------------------------------------------------------------------
 
 
-class PrefillOnce:
-    """Experiment, not the project's code: `generate()` that runs the prompt through the model once per document.
-
-    transformers' beam search repeats each prompt num_beams times *before* the first forward, so the prompt
-    (hundreds of tokens, most of the FLOPs here) is computed 4 times. This proxy prefills all but the last prompt
-    token once, repeats the KV cache for the beams and lets `generate` continue from it; the outputs are
-    token-for-token the same (checked by the benchmark). Everything else is delegated to the wrapped model.
-    """
-
-    def __init__(self, model) -> None:
-        self._model = model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, input_ids, attention_mask, num_beams: int = 1, **kwargs):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self._model.config)
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                    position_ids=positions[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(num_beams)
-        return self._model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                                    num_beams=num_beams, **kwargs)
-
-
-def run_summarizer(cfg, model, tokenizer, documents: list[str], batch_size: int) -> dict[str, Any]:
+def run_summarizer(cfg, model, tokenizer, documents: list[str], batch_size: int,
+                   prefill_once: bool = True) -> dict[str, Any]:
     from phi2sum.generate import Summarizer
 
     summarizer = Summarizer(cfg, model=model, tokenizer=tokenizer, batch_size=batch_size)
+    summarizer.prefill_once = prefill_once
     warm = cfg.generation.max_new_tokens
     cfg.generation.max_new_tokens = 2
     summarizer.summarize(documents[:2])  # warm-up, not timed
@@ -156,35 +129,8 @@ class _Timeout(Exception):
     pass
 
 
-@contextmanager
-def split_blocks_before_actors(batch_size: int):
-    """Experiment, not the job's code: cut the dataset into blocks of one generation batch before the actor pool.
-
-    summarize_on_ray's `prepare_batch` step emits blocks of up to 256 rows, and Ray Data hands a whole block to
-    one actor, so a shard of <= 256 documents runs on a single actor however many there are. This patches
-    `Dataset.map_batches` (in this driver only) to insert `repartition(target_num_rows_per_block=batch_size)`
-    in front of the SummarizeActor stage, to measure what that one-line change would buy.
-    """
-    import ray.data
-
-    from phi2sum.ray_summarize import SummarizeActor
-
-    original = ray.data.Dataset.map_batches
-
-    def patched(self, fn, *args, **kwargs):
-        if fn is SummarizeActor:
-            self = self.repartition(target_num_rows_per_block=batch_size)
-        return original(self, fn, *args, **kwargs)
-
-    ray.data.Dataset.map_batches = patched
-    try:
-        yield
-    finally:
-        ray.data.Dataset.map_batches = original
-
-
 def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, actor_cpus: float,
-            timeout_s: int, split: bool = False) -> dict[str, Any]:
+            timeout_s: int) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -217,7 +163,7 @@ def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, ac
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         meter = CpuMeter()
-        with meter.measure(), (split_blocks_before_actors(cfg.generation.batch_size) if split else nullcontext()):
+        with meter.measure():
             done = summarize_on_ray(cfg, str(out), Shard(0, 1))
         result.update(seconds=meter.result["wall_s"], cpu=meter.result, rows=done["rows"], parts=done["parts"])
     except _Timeout:
@@ -266,7 +212,7 @@ def _parts_stats(shard_dir: Path) -> dict[str, Any]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=48, help="documents (default 48)")
+    p.add_argument("--docs", type=int, default=96, help="documents (default 96)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="summary tokens per document (default 32)")
     p.add_argument("--batch-size", type=str, default="8,16",
                    help="Summarizer batch size(s), comma-separated (default 8,16); the first is used by Ray")
@@ -281,13 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--skip", type=str, default="", help="rows to skip, comma-separated among a,a-cut,b,c")
     p.add_argument("--extra-b", action="store_true",
-                   help="also run b (first batch size) with no_repeat_ngram_size=0 and with 1 torch thread")
-    p.add_argument("--prefill-once", action="store_true",
-                   help="also run b (first batch size) with the prompt prefilled once per document instead of once "
-                        "per beam (an experiment wrapping model.generate; row b-N-prefill1)")
-    p.add_argument("--split-blocks", action="store_true",
-                   help="also run the Ray rows with the dataset split into one block per generation batch before "
-                        "the actor pool (an experiment patching Dataset.map_batches in the driver; rows cK-split)")
+                   help="also run b (first batch size) with no_repeat_ngram_size=0, with 1 torch thread, and with "
+                        "plain generate() (prompt prefilled once per beam, not once per document)")
     p.add_argument("--wait-quiet", type=float, default=90,
                    help="before each row wait up to this many seconds for other processes to use < 0.3 CPU "
                         "(the machine is shared; 0 = never wait). Each row records what it found")
@@ -370,10 +311,9 @@ def main(argv=None) -> int:
                 step(f"b-{bs}-1t", f"Summarizer batch {bs}, 1 torch thread (what one Ray actor gets)",
                      lambda: run_summarizer(cfg, model, tokenizer, documents, bs))
                 torch.set_num_threads(args.threads)
-            if args.prefill_once:
-                row = step(f"b-{bs}-prefill1", f"experiment: batch {bs}, prompt prefilled once, KV cache repeated "
-                                               "for the beams",
-                           lambda: run_summarizer(cfg, PrefillOnce(model), tokenizer, documents, bs))
+                row = step(f"b-{bs}-noprefill", f"Summarizer batch {bs}, plain generate(): prompt computed once "
+                                                "per beam",
+                           lambda: run_summarizer(cfg, model, tokenizer, documents, bs, prefill_once=False))
                 reference = next((r for r in rows if r["row"] == f"b-{bs}"), None)
                 if reference and "predictions" in row:
                     same = sum(x == y for x, y in zip(row["predictions"], reference["predictions"]))
@@ -383,20 +323,18 @@ def main(argv=None) -> int:
 
     ray_details = []
     if "c" not in skip:
-        for split in (False, True) if args.split_blocks else (False,):
-            for k in actor_counts:
-                name = f"c{k}" + ("-split" if split else "")
-                note = (f"summarize_on_ray, {k} actor(s) x {args.actor_cpus} CPU, 1 thread, batch {batch_sizes[0]}"
-                        + (", blocks split per batch (experiment)" if split else ""))
-                r = step(name, note, lambda: run_ray(overrides, records, k, args.actor_cpus, args.ray_timeout, split))
-                ray_details.append(r)
-                if "error" in r:
-                    r["note"] = r["error"]
-                if r.get("warm_seconds"):
-                    rows.append({"row": f"{name}-warm", "note": "same run, after actors are warm (first batch "
-                                                                "start -> last commit)",
-                                 "seconds": r["warm_seconds"], "prompt_tokens": r["prompt_tokens"],
-                                 "generated_tokens": r["generated_tokens"], "padding_tokens": r["padding_tokens"]})
+        for k in actor_counts:
+            name = f"c{k}"
+            note = f"summarize_on_ray, {k} actor(s) x {args.actor_cpus} CPU, 1 thread, batch {batch_sizes[0]}"
+            r = step(name, note, lambda: run_ray(overrides, records, k, args.actor_cpus, args.ray_timeout))
+            ray_details.append(r)
+            if "error" in r:
+                r["note"] = r["error"]
+            if r.get("warm_seconds"):
+                rows.append({"row": f"{name}-warm", "note": "same run, after actors are warm (first batch "
+                                                            "start -> last commit)",
+                             "seconds": r["warm_seconds"], "prompt_tokens": r["prompt_tokens"],
+                             "generated_tokens": r["generated_tokens"], "padding_tokens": r["padding_tokens"]})
 
     # derived columns
     base = {r["row"]: r for r in rows}
@@ -432,7 +370,7 @@ def main(argv=None) -> int:
         if best_b:
             goals["b_vs_a"] = {"target": 3.0, "measured": round(best_b["speedup_vs_a"], 2), "row": best_b["row"],
                                "met": best_b["speedup_vs_a"] >= 3.0}
-    for suffix in ("", "-warm", "-split", "-split-warm"):
+    for suffix in ("", "-warm"):
         c1, c2 = base.get(f"c1{suffix}"), base.get(f"c2{suffix}")
         if c1 and c2 and "seconds" in c1 and "seconds" in c2:
             ratio = c1["seconds"] / c2["seconds"]
