@@ -49,6 +49,13 @@ PUBLISHED = (
 )
 NOTEBOOK = PUBLISHED[0][1]
 
+
+def on_xsum(art: "RunArtifacts") -> bool:
+    """The notebook's and the published marks are XSum scores: only a run scored on XSum is set against them
+    (the demo's synthetic corpus is not, though its name says xsum)."""
+    source = str(_get(art.config, "data.source", ""))
+    return "xsum" in source.lower() and not source.startswith("embedded:")
+
 # Thresholds of the next-step rules (fractions unless noted).
 TRUNCATED_SHARE = 0.20  # documents cut to fit the prompt budget
 LOSS_TAIL_DROP = 0.05  # smoothed loss still falling by this much over the last quarter of training
@@ -168,10 +175,7 @@ def _metrics_from_predictions(frame: pd.DataFrame) -> dict[str, Any] | None:
 def load_run(run_uri: str) -> RunArtifacts:
     """Read every artifact the run folder has; raise only when the location is unreadable or holds nothing."""
     uri = os.fspath(run_uri).rstrip("/") or os.fspath(run_uri)
-    files = storage.list_files(uri)
-    prefix = uri + "/"
-    rel = {f[len(prefix):] for f in files if f.startswith(prefix)}
-    rel = {r for r in rel if not r.startswith((REPORT_DIR + "/", "checkpoints/"))}
+    rel = {r for r in storage.list_relative(uri) if not r.startswith((REPORT_DIR + "/", "checkpoints/"))}
     if not rel:
         raise StorageError(f"no run found at {uri}: the folder is empty or missing; pass a run folder "
                            "(<storage.output>/<run.name>) that holds summary.json, train_log.parquet or "
@@ -498,20 +502,21 @@ def plot_rouge(art: RunArtifacts, path: str) -> None:
             ax.text(xi, hi + 0.6, f"{mean:.2f}", ha="center", va="bottom", fontsize=8, zorder=5,
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
         top = max(top, float(highs.max()))
-    for label, scores, color, style in PUBLISHED:
+    for label, scores, color, style in PUBLISHED if on_xsum(art) else ():
         for i, name in enumerate(ROUGE_TYPES):
             if name in scores:
                 line = ax.hlines(scores[name], i - 0.46, i + 0.46, colors=color, linestyles=style, lw=2, label=label)
         handles.append(line)
         top = max(top, max(scores.values()))
-    ax.set_xticks(x, [ROUGE_LABELS[r] if r != "rougeLsum" else "ROUGE-Lsum\n(no published marks)"
+    ax.set_xticks(x, [ROUGE_LABELS[r] if r != "rougeLsum" or not on_xsum(art) else "ROUGE-Lsum\n(no published marks)"
                       for r in ROUGE_TYPES])
     ax.set_ylabel("ROUGE F1 (x100)")
     ax.set_ylim(0, top * 1.1 + 2)
     ax.grid(axis="y", alpha=0.3)
     count = (art.metrics or art.baseline_metrics or {}).get("count", "?")
     ax.set_title(f"ROUGE on {count} eval documents: run {art.name}\n"
-                 "bars: this run (error bars: 95% bootstrap interval); lines: original notebook and published XSum results")
+                 "bars: this run (error bars: 95% bootstrap interval)"
+                 + ("; lines: original notebook and published XSum results" if on_xsum(art) else ""))
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     fig.savefig(path, dpi=DPI)
 
@@ -870,7 +875,9 @@ def _section_metrics(art: RunArtifacts) -> list[str]:
         header += ["Zero-shot baseline", "95% CI (baseline)"]
     if has_ft and has_base:
         header += ["Delta (fine-tuned - baseline)"]
-    header += ["Original notebook"]
+    marks = on_xsum(art)
+    if marks:
+        header += ["Original notebook"]
     out = ["ROUGE F1 x100 (95% bootstrap interval):", "",
            "| " + " | ".join(header) + " |", "|:--|" + "--:|" * (len(header) - 1)]
     for name in ROUGE_TYPES:
@@ -882,7 +889,8 @@ def _section_metrics(art: RunArtifacts) -> list[str]:
         if has_ft and has_base:
             a, b = _get(ft, f"{name}.mean"), _get(base, f"{name}.mean")
             cells.append(f"{100 * (a - b):+.2f}" if a is not None and b is not None else "n/a")
-        cells.append(f"{NOTEBOOK[name]:.2f}" if name in NOTEBOOK else "n/a")
+        if marks:
+            cells.append(f"{NOTEBOOK[name]:.2f}" if name in NOTEBOOK else "n/a")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     for label, m in (("fine-tuned", ft), ("baseline", base)):
@@ -890,7 +898,7 @@ def _section_metrics(art: RunArtifacts) -> list[str]:
             out.append(f"Scored {label}: {_num(m.get('count'))} documents"
                        + (f" ({_num(m['unscored'])} without a reference, unscored)" if m.get("unscored") else "") + ".")
     rl = _get(ft, "rougeL.mean") if ft else None
-    if rl is not None:
+    if rl is not None and marks:
         best = max(PUBLISHED[1:], key=lambda p: p[1]["rougeL"])
         out += ["", f"Against the references: ROUGE-L {100 * rl:.2f} vs {NOTEBOOK['rougeL']:.2f} in the original "
                     f"notebook ({100 * rl - NOTEBOOK['rougeL']:+.2f}) and {best[1]['rougeL']:.2f} for "
@@ -1187,7 +1195,8 @@ def render_markdown(art: RunArtifacts, stats: EvalStats | None, produced: dict[s
             if art.baseline_metrics and _get(art.baseline_metrics, "rougeL.mean") is not None:
                 b = 100 * art.baseline_metrics["rougeL"]["mean"]
                 text += f" vs {b:.2f} zero-shot ({100 * art.metrics['rougeL']['mean'] - b:+.2f})"
-            text += f"; original notebook {NOTEBOOK['rougeL']:.2f}"
+            if on_xsum(art):
+                text += f"; original notebook {NOTEBOOK['rougeL']:.2f}"
             items.append(text)
         trend = loss_trend(art.train_log) if art.train_log is not None else None
         if _get(art.summary, "train.steps") is not None:

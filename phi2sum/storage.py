@@ -442,6 +442,14 @@ def list_files(uri: str | os.PathLike) -> list[str]:
     return files
 
 
+def list_relative(uri: str | os.PathLike) -> list[str]:
+    """The files under ``uri`` as sorted ``/``-separated paths relative to it, whatever form ``uri`` has
+    (a relative or ``~`` local path comes back from :func:`list_files` absolute)."""
+    uri = os.fspath(uri)
+    base = _to_uri(uri, filesystem(uri)[1]).rstrip("/") + "/"
+    return [f[len(base):] for f in list_files(uri) if f.startswith(base)]
+
+
 def delete(uri: str | os.PathLike) -> None:
     """Delete a file or a whole tree; a missing one is fine. ``s3://bucket`` empties the bucket but keeps it."""
     uri = os.fspath(uri)

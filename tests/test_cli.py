@@ -48,3 +48,16 @@ def test_phi2_recipe_offline_says_the_model_could_not_be_fetched(tmp_path):
     assert out.returncode == 2
     assert "could not fetch model 'microsoft/phi-2'" in out.stderr and "Traceback" not in out.stderr
     assert not any(tmp_path.glob("run-*"))  # failed before writing anything
+
+
+def test_demo_runs_from_its_default_relative_output_folder(tmp_path):
+    """`make demo` as a user runs it: the default `storage.output=runs` is relative to the working directory."""
+    out = subprocess.run([PHI2SUM, "demo", "data.num_train=32", "data.num_eval=8", "train.epochs=1"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "before (base model)   after (fine-tuned)" in out.stdout
+    [run] = list((tmp_path / "runs").iterdir())
+    report = f"runs/{run.name}/report/report.md"
+    assert out.stdout.rstrip().endswith(f"report: {report}")
+    assert "## Next steps" in (tmp_path / report).read_text()

@@ -130,6 +130,8 @@ def test_report_for_tiny_run_local(tiny_run, tmp_path):
     markdown = read("report.md").decode()
     check_report(read, markdown, run_uri)
     assert "Missing:" not in markdown  # a complete run has nothing missing
+    # the synthetic demo corpus is not XSum: no XSum marks (notebook, published) to be misread as comparable
+    assert "Original notebook" not in markdown and "PEGASUS" not in markdown and "original notebook" not in markdown
 
 
 def test_report_for_tiny_run_on_s3(tiny_run, s3_env):
@@ -306,3 +308,10 @@ def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jobs.report: error: no run found") and "\n" not in err
+
+
+def test_a_run_on_xsum_is_set_against_the_notebook_and_published_scores(tmp_path):
+    uri = synthetic_run(tmp_path / "xsum")  # its config is the Phi-2/XSum recipe
+    markdown = storage.read_text(storage.join(write_report(uri), "report.md"))
+    assert "Original notebook" in table_header(markdown, "Metric")
+    assert "(published, full XSum)" in markdown

@@ -137,6 +137,18 @@ def test_list_exists_delete(root):
     assert storage.read_text(storage.join(root, "other.txt")) == "other.txt"  # siblings untouched
 
 
+def test_list_relative_is_relative_to_the_uri_in_any_form(root, tmp_path, monkeypatch):
+    for name in ("run/a.json", "run/sub/b.parquet", "runner/c.txt"):
+        storage.write_text(storage.join(root, name), name)
+    forms = [storage.join(root, "run"), storage.join(root, "run") + "/"]
+    if not storage.is_s3(root):  # a relative path, as `storage.output=runs` gives
+        monkeypatch.chdir(tmp_path)
+        forms.append(os.path.relpath(storage.join(root, "run"), tmp_path))
+    for uri in forms:
+        assert storage.list_relative(uri) == ["a.json", "sub/b.parquet"], uri
+    assert storage.list_relative(storage.join(root, "missing")) == []
+
+
 def test_delete_bucket_root_keeps_bucket(s3_env):
     storage.write_text(storage.join(s3_env, "a/b.txt"), "x")
     storage.delete(s3_env)
