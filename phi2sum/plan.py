@@ -386,9 +386,10 @@ def train_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None,
 def generation_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None) -> Estimate:
     """One summarize worker's GPU memory during batched beam search.
 
-    All batch × num_beams sequences run at once (transformers expands the batch before the prefill). The KV
-    cache holds 2·K·d values per layer per token in the compute dtype for prompt + new tokens, plus one layer's
-    copy while a step concatenates or reorders the beams. The prefill runs one layer at a time with no grad:
+    All batch × num_beams sequences are decoded at once. The KV cache holds 2·K·d values per layer per token in
+    the compute dtype for prompt + new tokens, plus one layer's copy while a step concatenates or reorders the
+    beams (or the Summarizer repeats a prefilled layer for the beams). The Summarizer prefills each prompt once,
+    not once per beam, so the prefill covers batch (not batch × beams) prompts, one layer at a time with no grad:
     about c·(4·H + 3·I) bytes per prompt token live (residual, norm, q/k/v, MLP and gelu temporaries; eager
     attention adds its n×n scores). Only the last position's logits are computed; beam search keeps a few fp32
     copies of them per sequence.
@@ -406,7 +407,7 @@ def generation_memory(shape: ModelShape, cfg: Config, batch_size: int | None = N
         **weight_parts(shape, cfg, training=False),
         "LoRA adapter (fp32)": lora_parameters(shape, cfg) * 4,
         "KV cache": seqs * tokens * kv_per_token_layer * (layers + 1),
-        "prefill activations": seqs * prompt * prefill,
+        "prefill activations": batch * prompt * prefill,
         "beam-search logits (fp32)": seqs * shape.vocab_size * 4 * LOGITS_COPIES_BEAM,
         CONTEXT: CUDA_CONTEXT_BYTES,
     })
