@@ -158,22 +158,24 @@ def generation_setting(cfg) -> dict[str, int]:
 
 
 def generate_phase(model, cfg, vocab: int) -> dict[str, Any]:
-    """One batched beam search over random prompts at the config's generation settings, after a short warm-up."""
+    """One batched beam search over random prompts at the config's generation settings, after a short warm-up,
+    through the summarize job's own `phi2sum.generate.beam_search` (prompt prefilled once for all beams)."""
+    from phi2sum.generate import beam_search
+
     g = cfg.generation
     setting = generation_setting(cfg)
     batch = setting["batch"]
     ids = torch.randint(vocab, (batch, setting["prompt_tokens"]), device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(ids), num_beams=g.num_beams, length_penalty=g.length_penalty,
-                  no_repeat_ngram_size=g.no_repeat_ngram_size, early_stopping=g.early_stopping, do_sample=False,
-                  use_cache=True)
+    mask = torch.ones_like(ids)
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model.eval()
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, **kwargs)
+        beam_search(model, g, ids, mask, pad_id=eos, eos_id=eos, max_new_tokens=2)
         _reset_peak()
         _sync()
         started = time.perf_counter()
         # min_new_tokens: random weights may emit EOS at any step; every run generates exactly max_new_tokens
-        model.generate(ids, max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens, **kwargs)
+        beam_search(model, g, ids, mask, pad_id=eos, eos_id=eos, min_new_tokens=g.max_new_tokens)
         _sync()
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "tokens_per_s": batch * g.max_new_tokens / seconds,

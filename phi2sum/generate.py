@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
-from phi2sum.config import Config, prompt_token_budget
+from phi2sum.config import Config, GenerationConfig, prompt_token_budget
 from phi2sum.model import load_for_inference
 from phi2sum.prompt import encode_prompt
 
@@ -125,26 +125,8 @@ class Summarizer:
         for row, p in enumerate(prompts):  # left padding
             input_ids[row, width - len(p.ids):] = torch.tensor(p.ids)
             attention[row, width - len(p.ids):] = 1
-        g = self.cfg.generation
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        extra = {}
-        if g.no_repeat_ngram_size:
-            extra["logits_processor"] = LogitsProcessorList([NoRepeatNGramInSummary(g.no_repeat_ngram_size, width)])
-        if self.prefill_once and g.num_beams > 1:
-            extra["cache"] = self._prefill(input_ids, attention, g.num_beams)
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=g.max_new_tokens,
-            num_beams=g.num_beams,
-            length_penalty=g.length_penalty,
-            no_repeat_ngram_size=0,  # a model's own default would count the prompt; ours is in logits_processor
-            early_stopping=g.early_stopping if g.num_beams > 1 else False,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            **extra,
-        )
+        output = beam_search(self.model, self.cfg.generation, input_ids.to(self.device),
+                             attention.to(self.device), pad_id=pad, eos_id=eos, prefill_once=self.prefill_once)
         new_tokens = output[:, width:].tolist()
         summaries = []
         for p, tokens in zip(prompts, new_tokens):
@@ -153,21 +135,6 @@ class Summarizer:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             summaries.append(Summary(normalize(text), len(p.ids), len(tokens), p.truncated, width - len(p.ids)))
         return summaries
-
-    def _prefill(self, input_ids, attention, num_beams: int):
-        """KV cache of every prompt token but the last, computed once per document and repeated per beam.
-
-        `generate()` sees a cache one token shorter than the prompt, so it feeds only the last prompt token and
-        goes on as usual. Position ids follow the attention mask (left padding), as `generate()` itself does.
-        """
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-                   cache=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(num_beams)
-        return cache
 
     # -- Ray Data interface --------------------------------------------------------------------------------
 
@@ -184,6 +151,39 @@ class Summarizer:
         out["padding_tokens"] = [s.padding_tokens for s in summaries]
         log.debug("summarized %d documents in %.1fs", len(documents), time.time() - started)
         return out
+
+
+def beam_search(model, g: GenerationConfig, input_ids: torch.Tensor, attention: torch.Tensor, pad_id: int,
+                eos_id: int, prefill_once: bool = True, **overrides) -> torch.Tensor:
+    """`generate()` on a left-padded batch as the summarize job runs it (the GPU check measures this too):
+    prompt prefilled once for all beams, n-gram blocking within the summary. Returns prompt + new token ids."""
+    width = input_ids.shape[1]
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, length_penalty=g.length_penalty,
+        no_repeat_ngram_size=0,  # a model's own default would count the prompt; ours is in logits_processor
+        early_stopping=g.early_stopping if g.num_beams > 1 else False, do_sample=False,
+        pad_token_id=pad_id, eos_token_id=eos_id)
+    if g.no_repeat_ngram_size:
+        kwargs["logits_processor"] = LogitsProcessorList([NoRepeatNGramInSummary(g.no_repeat_ngram_size, width)])
+    if prefill_once and g.num_beams > 1:
+        kwargs["cache"] = prefill_cache(model, input_ids, attention, g.num_beams)
+    return model.generate(input_ids=input_ids, attention_mask=attention, **{**kwargs, **overrides})
+
+
+def prefill_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, num_beams: int):
+    """KV cache of every prompt token but the last, computed once per document and repeated per beam.
+
+    `generate()` sees a cache one token shorter than the prompt, so it feeds only the last prompt token and
+    goes on as usual. Position ids follow the attention mask (left padding), as `generate()` itself does.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+          cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(num_beams)
+    return cache
 
 
 def _progress(total: int, enabled: bool):
