@@ -32,6 +32,7 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "PHI2SUM_CACHE", "PHI2SUM_FAULT", "PHI2SUM_FAULT_ONCE")
 STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"
 RESUMES_FILE = "phi2sum_resumed_from.json"  # the steps this run resumed from, across attempts
+TRAIN_SECONDS_FILE = "phi2sum_train_seconds_rank{rank}.json"  # training time at the save (the last: the end)
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's folder inside a Ray checkpoint
 
 
@@ -98,6 +99,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             if os.path.isdir(folder):
                 Path(folder, STEP_LOG_FILE.format(rank=rank)).write_text(json.dumps(step_log.rows))
                 Path(folder, RESUMES_FILE).write_text(json.dumps(resumed_from))
+                Path(folder, TRAIN_SECONDS_FILE.format(rank=rank)).write_text(json.dumps(step_log.elapsed()))
 
     class WaitUntilRegistered(TrainerCallback):
         """After a checkpoint is reported, wait until Ray Train's controller has taken it from this worker.
@@ -199,7 +201,9 @@ def train_on_ray(cfg: Config) -> Run:
 
 
 def export_final(run: Run, checkpoint, seconds: float) -> None:
-    """The last checkpoint's adapter -> `<run>/adapter/` (PEFT format); every worker's log -> train_log.parquet."""
+    """The last checkpoint's adapter -> `<run>/adapter/` (PEFT format); every worker's log -> train_log.parquet.
+
+    `seconds` is the driver's whole `fit()`; the training time proper comes from the checkpoint."""
     with tempfile.TemporaryDirectory(prefix="phi2sum-export-") as tmp:
         with checkpoint.as_directory() as folder:
             hf = os.path.join(folder, HF_CHECKPOINT)
@@ -208,6 +212,8 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
             state = json.loads(Path(hf, "trainer_state.json").read_text())
             resumes = Path(hf, RESUMES_FILE)
             resumed_from = json.loads(resumes.read_text()) if resumes.is_file() else []
+            timings = Path(hf).glob(TRAIN_SECONDS_FILE.format(rank="*"))
+            train_seconds = max((json.loads(f.read_text()) for f in timings), default=seconds)
             adapter = os.path.join(tmp, "adapter")
             os.makedirs(adapter)
             for name in os.listdir(hf):
@@ -222,8 +228,9 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
     tokens = int(state.get("num_input_tokens_seen", 0))
     first = [r for r in rows if r["worker"] == workers[0]]
     run.summary["train"] = {
-        "seconds": round(seconds, 2), "steps": int(state["global_step"]), "tokens": tokens,
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "workers": len(workers),
+        # seconds: inside training, as in local mode; fit_seconds adds Ray's worker start-up and model loading
+        "seconds": round(train_seconds, 2), "fit_seconds": round(seconds, 2), "steps": int(state["global_step"]),
+        "tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1), "workers": len(workers),
         "effective_batch": cfg.train.batch_size * _grad_accum(cfg) * cfg.ray.num_workers,
         "first_loss": first[0]["loss"] if first else None, "final_loss": first[-1]["loss"] if first else None,
         "trainable_params": trainable, "resumed_from_steps": resumed_from, "backend": "ray",

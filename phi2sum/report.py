@@ -798,6 +798,7 @@ def _section_data(art: RunArtifacts, stats: EvalStats | None) -> list[str]:
 TRAIN_ROWS = (
     ("Optimizer steps", "train.steps"),
     ("Training time (s)", "train.seconds"),
+    ("Ray fit() incl. start-up (s)", "train.fit_seconds"),  # Ray runs only: rows without a value are left out
     ("Training tokens", "train.tokens"),
     ("Throughput (tokens/s)", "train.tokens_per_second"),
     ("Trainable parameters", "train.trainable_params"),

@@ -96,6 +96,10 @@ class StepLog:
 
         self.callback = _Callback()
 
+    def elapsed(self) -> float:
+        """Seconds spent training so far, across resumed attempts (start-up and model loading excluded)."""
+        return round(self.offset + time.time() - self.start, 3)
+
     def record(self, state, logs: dict[str, Any]) -> None:
         if "loss" not in logs:
             return
@@ -111,7 +115,7 @@ class StepLog:
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else float("nan"),
             "tokens": int(state.num_input_tokens_seen),
-            "seconds": round(self.offset + time.time() - self.start, 3),
+            "seconds": self.elapsed(),
         })
 
 

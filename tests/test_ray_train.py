@@ -48,6 +48,10 @@ def test_two_workers_survive_a_crash_and_resume_from_checkpoint(ray_head, tmp_pa
     assert {r["worker"] for r in log} == {0, 1}
     steps = [r["step"] for r in log if r["worker"] == 0]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # every step once, history kept across the restart
+    # train.seconds is training time (both attempts, as the step log counts it), not Ray's start-up and restart
+    train = summary["train"]
+    assert max(r["seconds"] for r in log) <= train["seconds"] < train["fit_seconds"]
+    assert train["tokens_per_second"] == pytest.approx(train["tokens"] / train["seconds"], rel=0.01)
     assert log[-1]["loss"] < log[0]["loss"]  # it learns
     assert state["global_step"] in (4, 6)
 

@@ -10,8 +10,8 @@ each in a fresh process, timed from the outside:
   ray-2w   the same with ray.num_workers=2 (each worker runs N steps on its half of the data)
 against a head started like tests/ray_cluster.py (`ray start --head --num-cpus=<nproc> --include-dashboard=true`,
 stopped at the end; its own start-up is reported apart). `train_s` is summary.json's train.seconds (local:
-trainer.train(); Ray: TorchTrainer.fit(), which includes starting the workers), `startup_s` = wall - train_s as
-asked, and `worker_train_s` is the training loop alone as the workers logged it (train_log.parquet, logging every
+trainer.train()) or train.fit_seconds (Ray: TorchTrainer.fit(), which includes starting the workers),
+`startup_s` = wall - train_s as asked, and `worker_train_s` is the training loop alone as the workers logged it (train_log.parquet, logging every
 step), so wall - worker_train_s is the full overhead of each mode.
 
 Part (b), throughput. `phi2sum.train.train` (the function every mode runs) on the first XSum train-sample
@@ -55,7 +55,7 @@ def _run_outputs(run_dir: Path) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         train = json.loads(summary_path.read_text()).get("train", {})
-        out.update(train_s=train.get("seconds"), steps=train.get("steps"), tokens=train.get("tokens"),
+        out.update(train_s=train.get("fit_seconds", train.get("seconds")), steps=train.get("steps"), tokens=train.get("tokens"),
                    workers=train.get("workers"))
     log_path = run_dir / "train_log.parquet"
     if log_path.is_file():
