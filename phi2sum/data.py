@@ -206,7 +206,7 @@ def validate_records(rows: Iterable[dict[str, Any]], cfg: DataConfig, stats: Dat
     fields = ("document", "summary") if require_summary else ("document",)
     for index, row in enumerate(rows):
         stats.total += 1
-        problem = _problem(row, fields)
+        problem = record_problem(row, fields)
         if problem:
             if cfg.on_bad_record == "error":
                 raise DataError(f"{stats.source}: record {index} (id {row.get('id')!r}) has {problem.replace('_', ' ')};"
@@ -224,7 +224,8 @@ def validate_records(rows: Iterable[dict[str, Any]], cfg: DataConfig, stats: Dat
     return kept
 
 
-def _problem(row: dict[str, Any], fields: tuple[str, ...]) -> str | None:
+def record_problem(row: dict[str, Any], fields: tuple[str, ...]) -> str | None:
+    """Why a record is bad ("missing_id", "empty_document", ...), or None; the Ray jobs validate with it too."""
     rid = row.get("id")
     if rid is None or (isinstance(rid, float) and rid != rid):
         return "missing_id"

@@ -100,9 +100,7 @@ def prepare_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str]
     from phi2sum.config import DataConfig
 
     cfg = DataConfig(**data_cfg)
-    n = len(next(iter(batch.values()))) if batch else 0
-    rows = [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
-    good = validate_records(rows, cfg, DataStats(source=cfg.source), require_summary=False)
+    good = validate_records(_mapped_rows(batch, mapping), cfg, DataStats(source=cfg.source), require_summary=False)
     good = [r for r in good if shard.owns(r["id"]) and r["id"] not in done]
     # Longest first (stable, so reruns cut the same batches): the actors' batches are consecutive runs of these
     # rows, and rows of similar length pad little (the Summarizer can only sort within the batch it is given).
@@ -115,15 +113,20 @@ def check_batch(batch: dict[str, Any], data_cfg: dict, mapping: dict[str, str]) 
     """Per row: its id and why it will be skipped ("" when it is good), validated exactly as `prepare_batch` does,
     so the driver knows which ids must end up summarized (and `data.on_bad_record=error` fails here, up front)."""
     from phi2sum.config import DataConfig
-    from phi2sum.data import _problem
+    from phi2sum.data import record_problem
 
     cfg = DataConfig(**data_cfg)
-    n = len(next(iter(batch.values()))) if batch else 0
-    rows = [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
+    rows = _mapped_rows(batch, mapping)
     validate_records(rows, cfg, DataStats(source=cfg.source), require_summary=False)  # raises in error mode
-    problems = [_problem(row, ("document",)) or "" for row in rows]
+    problems = [record_problem(row, ("document",)) or "" for row in rows]
     ids = [None if p in ("missing_id", "bad_id") else str(row["id"]).strip() for row, p in zip(rows, problems)]
     return {"id": ids, "problem": problems}
+
+
+def _mapped_rows(batch: dict[str, Any], mapping: dict[str, str]) -> list[dict[str, Any]]:
+    """A Ray batch (columns) -> records with our field names and plain Python values."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{ours: _plain(batch[theirs][i]) for ours, theirs in mapping.items()} for i in range(n)]
 
 
 def _plain(value: Any) -> Any:
@@ -207,23 +210,23 @@ def read_dataset(cfg: Config):
 def committed_identities(out_dir: str) -> list[str]:
     """The distinct `model` identities of the parts already in the output (parts are small: no documents)."""
     found: set[str] = set()
-    for uri in storage.list_files(out_dir):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
-            table = storage.read_parquet(uri)
-            if "model" in table.column_names:
-                found.update(table.column("model").to_pylist())
+    for uri in _part_uris(out_dir):
+        table = storage.read_parquet(uri)
+        if "model" in table.column_names:
+            found.update(table.column("model").to_pylist())
     return sorted(i for i in found if i is not None)
 
 
 def committed(out_dir: str) -> dict[str, list[str]]:
     """part name -> ids, for the parts already in the output."""
-    parts = {}
-    for uri in storage.list_files(out_dir):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
-            parts[name] = [str(i) for i in storage.read_parquet(uri).column("id").to_pylist()]
-    return parts
+    return {uri.rsplit("/", 1)[-1]: [str(i) for i in storage.read_parquet(uri).column("id").to_pylist()]
+            for uri in _part_uris(out_dir)}
+
+
+def _part_uris(out_dir: str) -> list[str]:
+    """The committed parts of an output shard (not `_SUCCESS.json`, not a half-written temporary)."""
+    names = ((uri, uri.rsplit("/", 1)[-1]) for uri in storage.list_files(out_dir))
+    return [uri for uri, name in names if name.startswith("part-") and name.endswith(".parquet")]
 
 
 def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
