@@ -6,12 +6,15 @@ The weights are random (a PhiForCausalLM built from Phi-2's config.json, saved i
 in 4 bits): speed and memory do not depend on their values, so nothing is downloaded.
 
 Phases: training at the seed's setting (micro-batch 1 x grad-accum 8) and at a tuned one (a larger micro-batch,
-same effective batch), then batched beam search as the summarize job runs it (base + adapter). For each: tokens
-per second, MFU against the card's peak (plan.GPUS), peak `torch.cuda.max_memory_allocated` next to the
+same effective batch) with a bare loop; then `train-sft`, a few steps through the job's own trainer
+(`phi2sum.train.build_trainer(...).trainer.train()`: TRL's SFTTrainer, accelerate, its GradScaler in fp16), which
+is what a T4 run executes; then batched beam search as the summarize job runs it (base + adapter). For each:
+tokens per second, MFU against the card's peak (plan.GPUS), peak `torch.cuda.max_memory_allocated` next to the
 planner's estimate of the same. Writes JSON (`--out`).
 
     python -m jobs.gpu_check                          # full Phi-2, 20 optimizer steps per training phase
     python -m jobs.gpu_check --layers 4 --steps 5     # a short check
+    python -m jobs.gpu_check --fp16 --layers 8        # on an H100/H200: the T4's numerics (fp16 + GradScaler)
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training phase")
     p.add_argument("--tuned-batch", type=int, default=4,
                    help="micro-batch of the tuned training phase (grad-accum shrinks to keep the effective batch)")
+    p.add_argument("--fp16", action="store_true",
+                   help="force model.dtype=float16: check a T4's fp16 + GradScaler path on a bf16-capable card")
     p.add_argument("--out", default="gpu_check.json", help="where to write the results as JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="overrides of jobs/configs/phi2-xsum-t4.yaml (e.g. model.attn_implementation=eager)")
+                   help="overrides of jobs/configs/phi2-xsum-t4.yaml (e.g. generation.batch_size=16)")
     args = p.parse_args(argv)
     for name in ("layers", "steps", "tuned_batch"):
         value = getattr(args, name)
@@ -107,6 +112,14 @@ def save_random_model(config_dict: dict[str, Any], folder: str, dtype: torch.dty
     _reset_peak()
 
 
+def save_tokenizer(folder: str) -> None:
+    """A byte-level BPE tokenizer trained on the embedded corpus (seconds, offline): the trainer phase needs one
+    in the model folder, and its ids fit inside Phi-2's vocabulary."""
+    from phi2sum.embedded import _corpus_texts, train_tokenizer
+
+    train_tokenizer(_corpus_texts(("train",))).save_pretrained(folder)
+
+
 def train_phase(model, cfg, micro_batch: int, accum: int, steps: int, vocab: int) -> dict[str, Any]:
     """`steps` timed optimizer steps of `accum` micro-batches of random tokens, as the seed recipe trains."""
     import bitsandbytes as bnb
@@ -147,6 +160,46 @@ def train_phase(model, cfg, micro_batch: int, accum: int, steps: int, vocab: int
             "last_loss": loss.item() * accum, "peak_allocated_bytes": _peak()}
 
 
+def sft_phase(cfg, records: list[dict[str, str]], steps: int, work_dir: str) -> dict[str, Any]:
+    """`steps` optimizer steps (after WARMUP_STEPS) through the job's own `build_trainer(...).trainer.train()`.
+
+    This is the path a real run takes, so it fails where a run would fail (the fp16 GradScaler on adapters TRL left
+    in bf16, for one); the bare loop above cannot. Speed comes from the trainer's own step log: tokens and
+    seconds between the end of the warm-up and the last step. Runs on a CPU too (tests/test_gpu_check.py).
+    """
+    import dataclasses
+
+    from phi2sum.train import build_trainer
+
+    total = WARMUP_STEPS + steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=total, logging_steps=1,
+                                                             save_steps=total + 1, warmup_steps=0))
+    prepared = build_trainer(cfg, records, work_dir, disable_tqdm=True)
+    trainer = prepared.trainer
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
+    if torch.cuda.is_available():
+        _reset_peak()
+    trainer.train()
+    rows = prepared.step_log.rows
+    warm, last = next(r for r in rows if r["step"] == WARMUP_STEPS), rows[-1]
+    seconds = last["seconds"] - warm["seconds"]
+    result = {"steps": last["step"] - warm["step"], "seconds": seconds,
+              "tokens_per_s": (last["tokens"] - warm["tokens"]) / max(seconds, 1e-9), "last_loss": last["loss"],
+              "fp16": bool(trainer.args.fp16), "bf16": bool(trainer.args.bf16), "trainable_dtypes": dtypes,
+              "micro_batch": trainer.args.per_device_train_batch_size,
+              "grad_accum": trainer.args.gradient_accumulation_steps,
+              "peak_allocated_bytes": _peak() if torch.cuda.is_available() else None}
+    del trainer, prepared
+    return result
+
+
+def random_text_records(n: int) -> list[dict[str, str]]:
+    """Training records for `sft_phase`: the embedded synthetic news corpus, which needs no network."""
+    from phi2sum.embedded import synthetic_records
+
+    return synthetic_records("train")[:n]
+
+
 def generation_setting(cfg) -> dict[str, int]:
     """The beam search the summarize job runs: documents per call, beams, prompt and summary tokens."""
     from phi2sum.config import prompt_token_budget
@@ -182,14 +235,28 @@ def generate_phase(model, cfg, vocab: int) -> dict[str, Any]:
             "peak_allocated_bytes": _peak()}
 
 
-def _guarded(phase):
-    """Run a phase; running out of memory is a result to report, not a crash that loses the other phases."""
+def _guarded(phase, catch: type[BaseException] | tuple = torch.cuda.OutOfMemoryError):
+    """Run a phase; running out of memory (or, with `catch`, any failure) is a result to report, not a crash
+    that loses the other phases."""
     try:
         return phase()
-    except torch.cuda.OutOfMemoryError as exc:
-        error = f"out of memory: {str(exc).splitlines()[0][:200]}"
+    except catch as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        error = ("out of memory: " if isinstance(exc, torch.cuda.OutOfMemoryError) else f"{type(exc).__name__}: ") \
+            + first_line
     _reset_peak()  # outside the except block: the exception's frames no longer hold the phase's tensors
     return {"error": error}
+
+
+def _against_plan(result: dict[str, Any], shape, cfg, micro_batch: int, device_name: str) -> dict[str, Any]:
+    """A training phase's result with its MFU and the planner's memory estimate for the same setting."""
+    from phi2sum import plan
+
+    result.setdefault("seq_len", cfg.prompt.max_length)
+    flops = plan.train_flops_per_token(shape, cfg.prompt.max_length, cfg.model.gradient_checkpointing)
+    result["mfu"] = measured_mfu(result["tokens_per_s"], flops, device_name) if "error" not in result else None
+    result["planned_allocated_bytes"] = plan.train_memory(shape, cfg, micro_batch).allocated
+    return result
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,8 +273,12 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                                "layers": shape.num_layers, "parameters": shape.num_parameters(), "phases": {}}
     with tempfile.TemporaryDirectory(prefix="phi2sum-gpu-check-") as tmp:
         base, adapter = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
-        cfg = load_config(SEED_CONFIG, [f"model.base={base}", "ray.num_workers=1", *args.overrides])
+        overrides = [f"model.base={base}", "ray.num_workers=1", *(["model.dtype=float16"] if args.fp16 else []),
+                     *args.overrides]
+        cfg = load_config(SEED_CONFIG, overrides)
+        results["dtype"] = str(compute_dtype(cfg, torch.device("cuda"))).removeprefix("torch.")
         save_random_model(config_dict, base, compute_dtype(cfg, torch.device("cuda")))
+        save_tokenizer(base)
         model = attach_lora(load_base_model(cfg, training=True), cfg)
         t = cfg.train
         settings = {"train-seed": (t.batch_size, t.grad_accum),
@@ -215,13 +286,14 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         for name, (micro, accum) in settings.items():
             result = {"micro_batch": micro, "grad_accum": accum, "seq_len": cfg.prompt.max_length,
                       **_guarded(lambda: train_phase(model, cfg, micro, accum, args.steps, shape.vocab_size))}
-            flops = plan.train_flops_per_token(shape, cfg.prompt.max_length, cfg.model.gradient_checkpointing)
-            result["mfu"] = measured_mfu(result["tokens_per_s"], flops, device_name) if "error" not in result else None
-            result["planned_allocated_bytes"] = plan.train_memory(shape, cfg, micro).allocated
-            results["phases"][name] = result
+            results["phases"][name] = _against_plan(result, shape, cfg, micro, device_name)
         model.save_pretrained(adapter)
         del model
         _reset_peak()
+        # Any failure here is a finding (the job's trainer would fail the same way), not a reason to stop.
+        result = _guarded(lambda: sft_phase(cfg, random_text_records(64), args.steps, os.path.join(tmp, "sft")),
+                          catch=Exception)
+        results["phases"]["train-sft"] = _against_plan(result, shape, cfg, cfg.train.batch_size, device_name)
         model = load_adapter(load_base_model(cfg), adapter, cfg)  # as the summarize job loads it
         setting = generation_setting(cfg)
         result = {**setting, **_guarded(lambda: generate_phase(model, cfg, shape.vocab_size))}
@@ -238,15 +310,18 @@ def format_table(results: dict[str, Any]) -> str:
     for name, r in results["phases"].items():
         if name == "generate":
             setting = f"{r['batch']} x {r['num_beams']} beams, {r['prompt_tokens']}+{r['new_tokens']} tok"
+        elif name == "train-sft":
+            precision = "fp16+GradScaler" if r.get("fp16") else "bf16" if r.get("bf16") else "fp32"
+            setting = f"SFTTrainer {precision}, {r.get('micro_batch', '?')} x {r.get('grad_accum', '?')}"
         else:
             setting = f"micro {r['micro_batch']} x accum {r['grad_accum']} x {r['seq_len']} tok"
-        planned = f"{r['planned_allocated_bytes'] / gib:.2f} GiB"
+        planned = f"{r['planned_allocated_bytes'] / gib:.2f} GiB" if r.get("planned_allocated_bytes") else "-"
         if "error" in r:
             lines.append(f"{name:<12} {setting:<34} {r['error']}  (planned {planned})")
             continue
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"{name:<12} {setting:<34} {r['tokens_per_s']:>9,.0f} {mfu:>6} "
-                     f"{r['peak_allocated_bytes'] / gib:>6.2f} GiB {planned:>10}")
+        peak = f"{r['peak_allocated_bytes'] / gib:>6.2f} GiB" if r.get("peak_allocated_bytes") else "-"
+        lines.append(f"{name:<12} {setting:<34} {r['tokens_per_s']:>9,.0f} {mfu:>6} {peak:>10} {planned:>10}")
     lines.append("generate tokens/s counts summary tokens; MFU counts the FLOPs training executes (plan.py)")
     return "\n".join(lines)
 

@@ -154,6 +154,7 @@ class Config:
         d = self.to_dict()
         for volatile in ("storage", "run", "ray"):
             d.pop(volatile)
+        d["model"].pop("device")  # where it runs (local mode pins cuda:N to the process's one GPU)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -336,6 +337,9 @@ def validate(cfg: Config) -> None:
            cfg.model.device, "auto, cpu, cuda or cuda:N")
     _check(cfg.model.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
            cfg.model.attn_implementation, "sdpa or eager")
+    _check(not (cfg.model.attn_implementation == "eager" and cfg.model.dtype == "float16"),
+           "model.attn_implementation", "eager", "sdpa with model.dtype=float16 (eager attention overflows to NaN "
+           "in fp16)")
     _check(bool(cfg.model.base.strip()), "model.base", cfg.model.base, "a hub id or a local path")
     if cfg.run.name is not None:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", cfg.run.name) is not None, "run.name",

@@ -418,7 +418,7 @@ def _corpus_texts(splits: tuple[str, ...] = ("train", "validation", "test")) -> 
     return [text for s in splits for r in synthetic_records(s) for text in (r["document"], r["summary"])]
 
 
-def _train_tokenizer(texts: list[str]):
+def train_tokenizer(texts: list[str]):
     """A byte-level BPE like Phi-2's (no unknown bytes), small enough that the embedding stays tiny."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -582,7 +582,7 @@ def _build(dest: Path) -> None:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-            tokenizer = _train_tokenizer(_corpus_texts())
+            tokenizer = train_tokenizer(_corpus_texts())
             tokenizer.save_pretrained(dest)
             model = _new_model(len(tokenizer), tokenizer.eos_token_id)
             stats = _pretrain(model, tokenizer)

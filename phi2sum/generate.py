@@ -22,7 +22,8 @@ import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from phi2sum.config import Config, GenerationConfig, prompt_token_budget
-from phi2sum.model import load_for_inference
+from phi2sum.errors import ModelError
+from phi2sum.model import free_memory, is_out_of_memory, load_for_inference
 from phi2sum.prompt import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,19 @@ class Summarizer:
             model, tokenizer = load_for_inference(cfg, adapter)
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-        self.batch_size = batch_size or cfg.generation.batch_size or 8
-        self.max_prompt_tokens = prompt_token_budget(cfg)
         self.device = next(model.parameters()).device
+        self.batch_size = batch_size or cfg.generation.batch_size or self._planned_batch_size()
+        self.max_prompt_tokens = prompt_token_budget(cfg)
         self.prefill_once = True  # off only to compare against plain generate() (tests, benchmark)
         _avoid_bnb_inference_repack(model)
+
+    def _planned_batch_size(self) -> int:
+        """`generation.batch_size: null`: the largest batch the planner fits on this replica's own GPU."""
+        from phi2sum.plan import generation_batch_size
+
+        size = generation_batch_size(self.cfg, device=self.device)
+        log.info("generation batch %d (planned for %s)", size, self.device)
+        return size
 
     # -- core ----------------------------------------------------------------------------------------------
 
@@ -103,19 +112,25 @@ class Summarizer:
         return results  # type: ignore[return-value]
 
     def _generate(self, prompts) -> list[Summary]:
-        """One generate() call; on GPU out-of-memory the batch is split in two and retried, never dropped."""
+        """One generate() call; out of GPU memory, the batch is split in two and retried, never dropped.
+
+        The retry starts only after the `except` block is left: inside it the traceback still holds the failed
+        attempt's frames (KV cache, beams, logits), and each half would run out of memory next to them.
+        """
         try:
             return self._generate_once(prompts)
-        except torch.cuda.OutOfMemoryError:
-            if len(prompts) == 1:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
                 raise
-            torch.cuda.empty_cache()
-            half = len(prompts) // 2
-            log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(prompts), half,
-                        len(prompts) - half)
-            return self._generate(prompts[:half]) + self._generate(prompts[half:])
+            if len(prompts) == 1:
+                raise ModelError("one document alone runs out of GPU memory in beam search; lower "
+                                 "generation.num_beams or generation.max_prompt_tokens") from None
+        free_memory()
+        half = len(prompts) // 2
+        log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(prompts), half,
+                    len(prompts) - half)
+        return self._generate(prompts[:half]) + self._generate(prompts[half:])
 
-    @torch.inference_mode()
     def _generate_once(self, prompts) -> list[Summary]:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id

@@ -146,9 +146,10 @@ def summarize_stage(run: Run, records: list[dict[str, str]], summarizer, name: s
 def run_local(cfg: Config, stages: tuple[str, ...] = ("train", "summarize", "evaluate")) -> Run:
     """The local single-GPU (or CPU) mode: every stage in this process."""
     from phi2sum.data import load_split, load_train_eval
-    from phi2sum.model import load_tokenizer
+    from phi2sum.model import load_tokenizer, pin_one_gpu
 
     wall = time.time()
+    pin_one_gpu(cfg)  # first, before anything starts CUDA
     load_tokenizer(cfg)  # fail fast, before any data is read or written, when the model cannot be had
     # Data next, also before the run folder is claimed: bad input must not leave a half-made run behind.
     if "train" in stages:
@@ -207,18 +208,37 @@ def summarize_all(run: Run, records: list[dict[str, str]], adapter: str | None) 
     run.summary.setdefault("model", {}).update({"base": run.cfg.model.base, "adapter": adapter})
 
 
-def finish_summary(run: Run, wall_seconds: float) -> None:
-    import torch
-
+def finish_summary(run: Run, wall_seconds: float, workers: list[dict[str, Any]] | None = None) -> None:
+    """Timings, versions and where it ran; `workers` (Ray) replaces this process's device and peak memory with
+    the workers' own, since the driver is often a CPU-only head that trained nothing."""
     run.summary["wall_seconds"] = round(wall_seconds, 2)
     run.summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    run.summary["peak_memory_mb"] = {
-        "cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "gpu": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-    }
-    run.summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    if workers:
+        run.summary["workers"] = workers
+        run.summary["device"] = ", ".join(sorted({w["device"] for w in workers}))
+        run.summary["peak_memory_mb"] = {
+            "cpu_rss": max(w["peak_memory_mb"]["cpu_rss"] for w in workers),
+            "gpu": max((w["peak_memory_mb"]["gpu"] or 0 for w in workers), default=None) or None,
+        }
+    else:
+        run.summary["device"] = device_name()
+        run.summary["peak_memory_mb"] = peak_memory_mb()
     run.summary["versions"] = package_versions()
     storage.write_json(run.path("summary.json"), run.summary)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+def peak_memory_mb() -> dict[str, float | None]:
+    """This process's peak resident memory and peak GPU memory allocated by PyTorch, in MiB."""
+    import torch
+
+    return {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "gpu": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -425,11 +425,13 @@ def largest_batch(estimate: Callable[[int], int], budget: float, limit: int) -> 
     return lo
 
 
-def generation_batch_size(cfg: Config, gpu: str | None = None, total_memory_bytes: int | None = None) -> int:
+def generation_batch_size(cfg: Config, gpu: str | None = None, total_memory_bytes: int | None = None,
+                          device=None) -> int:
     """A generation batch (documents per `generate()` call) that fits one GPU, for `generation.batch_size: null`.
 
-    The card is `total_memory_bytes`, else the named `gpu`, else the visible CUDA device; on a CPU (or with
-    model.device=cpu) the answer is `CPU_GENERATION_BATCH`. Never below 1, never above MAX_GENERATION_BATCH.
+    The card is `total_memory_bytes`, else the named `gpu`, else `device` (each Ray actor plans for the GPU it
+    was given, not the driver's machine); on a CPU device the answer is `CPU_GENERATION_BATCH`. Never below 1,
+    never above MAX_GENERATION_BATCH.
     """
     if total_memory_bytes is None:
         if gpu is not None:
@@ -437,9 +439,9 @@ def generation_batch_size(cfg: Config, gpu: str | None = None, total_memory_byte
         else:
             import torch
 
-            if cfg.model.device == "cpu" or not torch.cuda.is_available():
+            if device is None or torch.device(device).type != "cuda":
                 return CPU_GENERATION_BATCH
-            total_memory_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            total_memory_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     shape, _ = model_shape(cfg)
     best = largest_batch(lambda b: generation_memory(shape, cfg, b).total, usable_bytes(total_memory_bytes),
                          MAX_GENERATION_BATCH)

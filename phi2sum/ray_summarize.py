@@ -234,7 +234,7 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from phi2sum.ray_train import init_ray
+    from phi2sum.ray_train import init_ray, use_gpu
 
     out_dir = storage.join(output, shard.name)
     identity = model_identity(cfg)
@@ -271,8 +271,8 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     log.info("%s: %d of %d ids in this shard, %d already committed", shard.name, len(wanted), len(ids),
              len(done & wanted))
 
-    gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    batch_size = cfg.generation.batch_size or _planned_batch_size(cfg, gpu)
+    gpu = use_gpu(cfg)
+    batch_size = cfg.generation.batch_size or _rows_per_actor_call(gpu)
     actor_resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.ray.actor_cpus}
     prepared = ds.map_batches(prepare_batch, fn_args=(vars(cfg.data), mapping, shard, done), batch_size=256,
                               num_cpus=0.25)
@@ -288,12 +288,12 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     return finalize(out_dir, wanted, shard, cfg, time.time() - started, written, skipped)
 
 
-def _planned_batch_size(cfg: Config, gpu: bool) -> int:
-    try:
-        from phi2sum.plan import generation_batch_size
-    except ImportError:  # pragma: no cover
-        return 8
-    return generation_batch_size(cfg) if gpu else 8
+def _rows_per_actor_call(gpu: bool) -> int:
+    """Rows handed to one actor call when `generation.batch_size` is null: each GPU actor's Summarizer then plans
+    its own generation batch for the card it was given (the driver often runs on a CPU-only head)."""
+    from phi2sum.plan import CPU_GENERATION_BATCH, MAX_GENERATION_BATCH
+
+    return MAX_GENERATION_BATCH if gpu else CPU_GENERATION_BATCH
 
 
 def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds: float, written: int,

@@ -21,7 +21,7 @@ from typing import Any
 
 from phi2sum import storage
 from phi2sum.config import Config, config_from_dict
-from phi2sum.pipeline import Run, open_run, train_log_table
+from phi2sum.pipeline import Run, device_name, finish_summary, open_run, peak_memory_mb, train_log_table
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "PHI2SUM_CACHE", "PHI2SUM_FAULT", "PHI2SUM_FAULT_ONCE")
 STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"
 RESUMES_FILE = "phi2sum_resumed_from.json"  # the steps this run resumed from, across attempts
-TRAIN_SECONDS_FILE = "phi2sum_train_seconds_rank{rank}.json"  # training time at the save (the last: the end)
+WORKER_FILE = "phi2sum_worker_rank{rank}.json"  # training seconds, device, peak memory at the save (the last: the end)
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's folder inside a Ray checkpoint
 
 
@@ -99,7 +99,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             if os.path.isdir(folder):
                 Path(folder, STEP_LOG_FILE.format(rank=rank)).write_text(json.dumps(step_log.rows))
                 Path(folder, RESUMES_FILE).write_text(json.dumps(resumed_from))
-                Path(folder, TRAIN_SECONDS_FILE.format(rank=rank)).write_text(json.dumps(step_log.elapsed()))
+                Path(folder, WORKER_FILE.format(rank=rank)).write_text(json.dumps(
+                    {"rank": rank, "train_seconds": step_log.elapsed(), "device": device_name(),
+                     "peak_memory_mb": peak_memory_mb()}))
 
     class WaitUntilRegistered(TrainerCallback):
         """After a checkpoint is reported, wait until Ray Train's controller has taken it from this worker.
@@ -151,11 +153,20 @@ def _checkpoint_step(hf_checkpoint: str) -> int | None:
 
 
 def use_gpu(cfg: Config) -> bool:
-    if cfg.ray.use_gpu is not None:
-        return cfg.ray.use_gpu
+    """`ray.use_gpu`, or (null) whether the cluster has GPUs now.
+
+    `ray.cluster_resources()` counts only nodes that are up, so on an autoscaling cluster whose GPU group starts
+    at 0 nodes the answer is "no" and the job would run on CPUs: GPU presets set `ray.use_gpu: true`.
+    """
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.ray.use_gpu is not None:
+        gpu = cfg.ray.use_gpu
+    else:
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+        log.info("ray.use_gpu is null: the cluster has %s GPUs now", "some" if gpu else "no")
+    log.info("running on %s (%s)", "GPUs, one per worker" if gpu else "CPUs", "nccl" if gpu else "gloo")
+    return gpu
 
 
 def build_trainer(cfg: Config):
@@ -212,8 +223,8 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
             state = json.loads(Path(hf, "trainer_state.json").read_text())
             resumes = Path(hf, RESUMES_FILE)
             resumed_from = json.loads(resumes.read_text()) if resumes.is_file() else []
-            timings = Path(hf).glob(TRAIN_SECONDS_FILE.format(rank="*"))
-            train_seconds = max((json.loads(f.read_text()) for f in timings), default=seconds)
+            workers_seen = [json.loads(f.read_text()) for f in sorted(Path(hf).glob(WORKER_FILE.format(rank="*")))]
+            train_seconds = max((w["train_seconds"] for w in workers_seen), default=seconds)
             adapter = os.path.join(tmp, "adapter")
             os.makedirs(adapter)
             for name in os.listdir(hf):
@@ -235,9 +246,7 @@ def export_final(run: Run, checkpoint, seconds: float) -> None:
         "first_loss": first[0]["loss"] if first else None, "final_loss": first[-1]["loss"] if first else None,
         "trainable_params": trainable, "resumed_from_steps": resumed_from, "backend": "ray",
     }
-    from phi2sum.pipeline import finish_summary
-
-    finish_summary(run, seconds)
+    finish_summary(run, seconds, workers=workers_seen)
 
 
 def _adapter_parameters(adapter_dir: str) -> int:

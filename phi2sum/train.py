@@ -20,7 +20,8 @@ import torch
 from phi2sum.config import Config
 from phi2sum.errors import DataError, TrainingError
 from phi2sum.faults import maybe_fail
-from phi2sum.model import attach_lora, compute_dtype, count_parameters, load_base_model, load_tokenizer, resolve_device
+from phi2sum.model import (attach_lora, compute_dtype, count_parameters, free_memory, load_base_model, load_tokenizer,
+                           resolve_device)
 from phi2sum.prompt import encode_example
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,22 @@ def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *
     steps = step_log or StepLog(worker)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[steps.callback, *callbacks])
+    restore_adapter_dtype(trainer.model, torch.bfloat16 if args.bf16 else torch.float32)
     return PreparedTrainer(trainer, steps, counts, trainable, total, effective)
+
+
+def restore_adapter_dtype(model, dtype: torch.dtype) -> None:
+    """Put the trainable (LoRA) parameters back in `dtype`: fp32, unless training in bf16.
+
+    TRL's SFTTrainer casts every trainable parameter of a quantized model to bf16, whatever the run's precision.
+    With fp16 mixed precision (the T4) accelerate's GradScaler then unscales bf16 gradients, for which CUDA has
+    no kernel (`_amp_foreach_non_finite_check_and_unscale_ ... not implemented for 'BFloat16'`), so the first
+    optimizer step crashes; on CPU the adapters would silently train in bf16. The optimizer is built later, in
+    `train()`, so it sees the restored parameters.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
@@ -207,8 +223,12 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
     if trainer.is_world_process_zero():
         trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
         trainer.processing_class.save_pretrained(adapter_dir)
-    return TrainResult(
+    result = TrainResult(
         adapter_dir=adapter_dir, log=prepared.step_log.rows, steps=int(trainer.state.global_step), seconds=seconds,
         tokens=int(trainer.state.num_input_tokens_seen), trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, examples=prepared.examples, effective_batch=prepared.effective_batch,
     )
+    del trainer, prepared
+    free_memory()
+    return result
+

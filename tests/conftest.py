@@ -19,6 +19,10 @@ for _path in (str(_TESTS), str(_TESTS.parent)):  # `import s3_server` and `impor
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The suite is tuned for the CPU path (thresholds, fp32): on a GPU host it hides the GPUs, from this process and
+# from every subprocess and Ray head it starts, unless asked to use them.
+if os.environ.get("PHI2SUM_TESTS_USE_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from s3_server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, MotoServer  # noqa: E402
 

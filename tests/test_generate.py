@@ -1,5 +1,7 @@
 """Generation: batching changes nothing but speed; output is cut at EOS; OOM splits a batch instead of dropping."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -113,3 +115,89 @@ def test_no_repeat_ngram_blocks_repeats_in_the_summary_but_not_phrases_of_the_ar
     assert banned(NoRepeatNGramLogitsProcessor(2), copies_article) == [13]  # what transformers alone would do
     assert banned(NoRepeatNGramInSummary(2, len(prompt)), copies_article) == []
     assert banned(NoRepeatNGramInSummary(2, len(prompt)), repeats_itself) == [13]
+
+
+def test_out_of_memory_retry_starts_after_the_failed_attempt_is_freed(greedy, monkeypatch):
+    """Retrying inside the `except` block keeps the failed attempt's frames (KV cache, beams) alive."""
+    real = greedy._generate_once
+    failed, freed_at_each_call = [], []
+
+    def flaky(prompts):
+        freed_at_each_call.append(all(ref() is None for ref in failed))
+        workspace = torch.empty(1024)  # stands in for the failed attempt's KV cache
+        if len(prompts) > 2:
+            failed.append(weakref.ref(workspace))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(prompts)
+
+    monkeypatch.setattr(greedy, "_generate_once", flaky)
+    greedy.summarize([r["document"] for r in synthetic_records("test")[:8]])
+    assert len(freed_at_each_call) == 7 and all(freed_at_each_call)
+
+
+@pytest.mark.parametrize("error, split", [
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("shape mismatch"), False),
+])
+def test_cublas_allocation_failure_is_out_of_memory_too(greedy, monkeypatch, error, split):
+    real = greedy._generate_once
+    sizes = []
+
+    def flaky(prompts):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise error
+        return real(prompts)
+
+    monkeypatch.setattr(greedy, "_generate_once", flaky)
+    docs = [r["document"] for r in synthetic_records("test")[:4]]
+    if split:
+        assert len(greedy.summarize(docs)) == 4 and sizes == [4, 2, 2]
+    else:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            greedy.summarize(docs)
+
+
+def test_one_document_that_does_not_fit_is_a_clear_error(greedy, monkeypatch):
+    from phi2sum.errors import ModelError
+
+    def oom(prompts):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(greedy, "_generate_once", oom)
+    with pytest.raises(ModelError, match="lower generation.num_beams"):
+        greedy.summarize(["One article."])
+
+
+def test_null_batch_size_is_planned_for_the_replicas_own_device(monkeypatch):
+    """`generation.batch_size: null` used to fall back to 8: the planner's size must reach generate()."""
+    from phi2sum import plan
+
+    asked = []
+
+    def planner(cfg, gpu=None, total_memory_bytes=None, device=None):
+        asked.append(device)
+        return 3
+
+    monkeypatch.setattr(plan, "generation_batch_size", planner)
+    cfg = load_config("tiny-cpu", ["generation.num_beams=1", "generation.max_new_tokens=4", "generation.batch_size=null",
+                                   "quantization.load_in_4bit=false"])
+    summarizer = Summarizer(cfg)
+    sizes = []
+    real = summarizer._generate_once
+    monkeypatch.setattr(summarizer, "_generate_once", lambda prompts: sizes.append(len(prompts)) or real(prompts))
+    summarizer.summarize([r["document"] for r in synthetic_records("test")[:7]])
+    assert asked == [summarizer.device] and sizes == [3, 3, 1]
+
+
+def test_planned_batch_uses_the_cards_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from phi2sum import plan
+
+    cfg = load_config("phi2-xsum-t4", ["generation.batch_size=null"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=plan.GPUS["T4"].memory_bytes))
+    on_t4 = plan.generation_batch_size(cfg, device=torch.device("cuda", 0))
+    assert on_t4 == plan.generation_batch_size(cfg, gpu="T4") > plan.CPU_GENERATION_BATCH
+    assert plan.generation_batch_size(cfg, device=torch.device("cpu")) == plan.CPU_GENERATION_BATCH

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,3 +75,21 @@ def test_table_shows_measurements_next_to_the_plan():
     assert "812" in table and "20.5%" in table and "3.00 GiB" in table and "2.90 GiB" in table
     assert "micro 4 x accum 2 x 512 tok" in table and "out of memory" in table and "planned 6.00 GiB" in table
     assert "8 x 4 beams, 448+64 tok" in table
+
+
+def test_the_trainer_phase_runs_the_jobs_own_trainer(tmp_path):
+    """The phase a GPU run needs most (SFTTrainer + accelerate) is the job's code path; on CPU it runs in fp32."""
+    from phi2sum.config import load_config
+
+    cfg = load_config("tiny-cpu", ["train.batch_size=2", "train.grad_accum=2"])
+    result = gpu_check.sft_phase(cfg, gpu_check.random_text_records(16), steps=2, work_dir=str(tmp_path))
+    assert result["steps"] == 2 and result["tokens_per_s"] > 0 and math.isfinite(result["last_loss"])
+    assert result["trainable_dtypes"] == ["float32"] and (result["fp16"], result["bf16"]) == (False, False)
+    assert (result["micro_batch"], result["grad_accum"]) == (2, 2)
+    table = gpu_check.format_table({"device": "cpu", "layers": 4, "parameters": 1, "phases": {
+        "train-sft": {**result, "mfu": None, "planned_allocated_bytes": 2**30}}})
+    assert "SFTTrainer fp32, 2 x 2" in table
+
+
+def test_fp16_switch_parses():
+    assert gpu_check.parse_args(["--fp16"]).fp16 and not gpu_check.parse_args([]).fp16

@@ -42,6 +42,10 @@ def test_two_workers_survive_a_crash_and_resume_from_checkpoint(ray_head, tmp_pa
     state = json.loads(next(run.glob("checkpoint_*/checkpoint/trainer_state.json")).read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["steps"] == 6 and summary["train"]["workers"] == 2
+    # the workers' own device and memory, not the driver's (on a real cluster the driver is a CPU-only head)
+    assert sorted(w["rank"] for w in summary["workers"]) == [0, 1]
+    assert all(w["device"] and w["peak_memory_mb"]["cpu_rss"] > 100 for w in summary["workers"])
+    assert summary["peak_memory_mb"]["cpu_rss"] == max(w["peak_memory_mb"]["cpu_rss"] for w in summary["workers"])
     loads_as_peft_adapter(str(run / "adapter"))
 
     log = pq.read_table(run / "train_log.parquet").to_pylist()

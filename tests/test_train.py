@@ -1,14 +1,16 @@
 """Training pieces: labels mask the prompt, the 4-bit path is real, non-finite loss stops, batch arithmetic."""
 
 import math
+import weakref
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from phi2sum.config import load_config
 from phi2sum.embedded import synthetic_records
 from phi2sum.errors import TrainingError
-from phi2sum.train import StepLog, build_trainer, grad_accum_steps
+from phi2sum.train import StepLog, build_trainer, grad_accum_steps, restore_adapter_dtype, train
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,21 @@ def test_loss_is_on_summary_and_eos_only(prepared):
     assert all(label == -100 for label in labels[:first])
     assert labels[first:] == ids[first:] and ids[-1] == tokenizer.eos_token_id  # summary + EOS carry loss
     assert tokenizer.decode(ids[first:-1]) == synthetic_records("train")[0]["summary"]
+
+
+def test_adapters_are_fp32_after_build_trainer(prepared):
+    """TRL casts a 4-bit model's trainable parameters to bf16; in fp16 (a T4) the GradScaler then has no kernel
+    to unscale them and the first optimizer step crashes. build_trainer puts them back."""
+    dtypes = {p.dtype for p in prepared.trainer.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+
+
+def test_adapters_stay_bf16_when_training_in_bf16():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).to(torch.bfloat16))
+    model[0].weight.requires_grad_(False)
+    restore_adapter_dtype(model, torch.bfloat16)
+    assert model[0].weight.dtype == torch.float32  # frozen: untouched
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
 
 
 def test_the_4bit_qlora_path_runs_on_cpu(prepared):
@@ -54,3 +71,28 @@ def test_keep_effective_batch_divides_accumulation():
     assert grad_accum_steps(load_config("phi2-xsum-t4"), 4) == 8  # off by default: batch grows with workers
     with pytest.raises(TrainingError, match="not divisible by 3"):
         grad_accum_steps(cfg, 3)
+
+
+def test_training_frees_its_model_before_returning(tmp_path):
+    """TRL's fused forward leaves the trained model in a reference cycle: without a collection at the end of
+    train(), local mode would summarize with the training model still on the GPU."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            base = model.get_base_model()  # what TRL patches, and what holds the weights
+            weight = next(p for n, p in base.named_parameters() if n.endswith("q_proj.base_layer.weight"))
+            seen.extend([weakref.ref(model), weakref.ref(base), weakref.ref(weight)])  # weight: 4-bit, the bulk
+
+    import gc
+
+    cfg = load_config("tiny-cpu", ["train.max_steps=1", "train.batch_size=2", "train.grad_accum=1"])
+    gc.disable()  # the cycle collector would otherwise run at some allocation or other: only train()'s may count
+    try:
+        result = train(cfg, synthetic_records("train")[:4], str(tmp_path), callbacks=(Grab(),))
+        assert result.steps == 1 and seen
+        assert [ref() is None for ref in seen] == [True, True, True]
+    finally:
+        gc.enable()
