@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 REFUSAL = "gpu_check: no CUDA GPU visible; this check measures GPU speed and memory — run it on a GPU machine"
-SEED_CONFIG = Path(__file__).resolve().parent / "configs" / "phi2-xsum-t4.yaml"
+SEED_CONFIG = "phi2-xsum-t4"  # the preset (package data)
 WARMUP_STEPS = 2  # untimed optimizer steps first: kernel loading, autotuning, the optimizer's paged buffers
 
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="force model.dtype=float16: check a T4's fp16 + GradScaler path on a bf16-capable card")
     p.add_argument("--out", default="gpu_check.json", help="where to write the results as JSON")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="overrides of jobs/configs/phi2-xsum-t4.yaml (e.g. generation.batch_size=16)")
+                   help="overrides of phi2-xsum-t4 (e.g. generation.batch_size=16)")
     args = p.parse_args(argv)
     for name in ("layers", "steps", "tuned_batch"):
         value = getattr(args, name)
@@ -115,16 +115,16 @@ def save_random_model(config_dict: dict[str, Any], folder: str, dtype: torch.dty
 def save_tokenizer(folder: str) -> None:
     """A byte-level BPE tokenizer trained on the embedded corpus (seconds, offline): the trainer phase needs one
     in the model folder, and its ids fit inside Phi-2's vocabulary."""
-    from phi2sum.embedded import _corpus_texts, train_tokenizer
+    from phi2sum.demo import corpus_texts, train_tokenizer
 
-    train_tokenizer(_corpus_texts(("train",))).save_pretrained(folder)
+    train_tokenizer(corpus_texts(("train",))).save_pretrained(folder)
 
 
 def train_phase(model, cfg, micro_batch: int, accum: int, steps: int, vocab: int) -> dict[str, Any]:
     """`steps` timed optimizer steps of `accum` micro-batches of random tokens, as the seed recipe trains."""
     import bitsandbytes as bnb
 
-    from phi2sum.model import compute_dtype
+    from phi2sum.devices import compute_dtype
 
     dtype = compute_dtype(cfg, torch.device("cuda"))
     seq = cfg.prompt.max_length
@@ -195,7 +195,7 @@ def sft_phase(cfg, records: list[dict[str, str]], steps: int, work_dir: str) -> 
 
 def random_text_records(n: int) -> list[dict[str, str]]:
     """Training records for `sft_phase`: the embedded synthetic news corpus, which needs no network."""
-    from phi2sum.embedded import synthetic_records
+    from phi2sum.demo import synthetic_records
 
     return synthetic_records("train")[:n]
 
@@ -264,7 +264,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
     from phi2sum import plan
     from phi2sum.config import load_config
-    from phi2sum.model import attach_lora, compute_dtype, load_adapter, load_base_model
+    from phi2sum.devices import compute_dtype
+    from phi2sum.adapters import load_adapter
+    from phi2sum.model import attach_lora, load_base_model
 
     config_dict = model_config_dict(args.model_config, args.layers)
     shape = plan.ModelShape.from_config(AutoConfig.for_model(**config_dict))
@@ -331,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(REFUSAL, file=sys.stderr)
         return 2
-    from jobs._entry import run_job
+    from phi2sum.console import run_command, setup_logging
+
+    setup_logging()
 
     def body() -> None:
         results = run_check(args)
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"results: {args.out}")
 
-    return run_job("gpu_check", body)
+    return run_command("gpu_check", body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Ray job: distributed QLoRA training.
+"""Ray job: distributed QLoRA training (Ray Train), the same as `phi2sum train --ray`.
 
-    ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/phi2-xsum-t4.yaml \
+    ray job submit --working-dir . -- python -m jobs.train --config phi2-xsum-t4 \
         ray.num_workers=4 storage.output=s3://bucket/runs run.name=phi2-xsum
 
 Resubmitting the same run.name resumes from its latest checkpoint, or does nothing if it already finished.
@@ -8,20 +8,11 @@ Resubmitting the same run.name resumes from its latest checkpoint, or does nothi
 
 import sys
 
-from jobs._entry import parser, run_job
+from phi2sum.cli import main as cli
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
-
-    def body():
-        from phi2sum.config import load_config
-        from phi2sum.ray_train import train_on_ray
-
-        run = train_on_ray(load_config(args.config, args.overrides))
-        print(f"adapter: {run.adapter_uri}")
-
-    return run_job("jobs.train", body)
+    return cli(["train", "--ray", *(sys.argv[1:] if argv is None else argv)], prog="jobs.train")
 
 
 if __name__ == "__main__":

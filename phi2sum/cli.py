@@ -1,91 +1,107 @@
-"""The `phi2sum` command: thin wrappers over the library, one subcommand per stage.
+"""The `phi2sum` command, and through it every `python -m jobs.*` entry point: one parser, one error handler.
 
-Every subcommand takes `--config` (a YAML path or a preset name from jobs/configs) and `section.key=value`
-overrides. A problem the user can fix prints one line (`phi2sum: error: ...`) and exits 2; a stack trace
-means a bug.
+Every subcommand takes `--config` (a YAML path or a preset name) and `section.key=value` overrides, in any
+order. The Ray jobs' own arguments (`output=`, `shard=`, `predictions=`) are accepted in the same key=value
+form, so `python -m jobs.summarize ... output=s3://b/p shard=3/8` and `phi2sum summarize --ray --output ...`
+are the same call. A problem the user can fix prints one line (`phi2sum: error: ...`) and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Callable
 
-from phi2sum.errors import ConfigError, Phi2SumError
+from phi2sum.console import format_before_after, format_metrics, run_command, setup_logging
+from phi2sum.errors import ConfigError
 
 DEMO_CONFIG = "tiny-cpu"
+JOB_ARGUMENTS = ("output", "shard", "predictions")  # key=value arguments that are not config keys
 EXAMPLES = """examples:
   phi2sum demo                                              # tiny model, synthetic data, CPU, a few minutes
-  phi2sum run --config jobs/configs/phi2-xsum-t4.yaml       # the Phi-2 + XSum recipe on one GPU
+  phi2sum run --config phi2-xsum-t4                         # the Phi-2 + XSum recipe on one GPU
   phi2sum run --config tiny-cpu train.max_steps=20 storage.output=s3://bucket/runs
   phi2sum summarize --config tiny-cpu model.adapter=runs/my-run/adapter run.name=preds-1
+  phi2sum summarize --ray --config tiny-cpu output=preds/p1 shard=0/2   # Ray Data (what jobs.summarize runs)
   phi2sum evaluate --predictions runs/my-run/predictions.parquet
   phi2sum report runs/my-run
-  phi2sum plan --config jobs/configs/phi2-xsum-t4.yaml --gpu T4
+  phi2sum plan --config phi2-xsum-t4 --gpu T4
 """
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("urllib3", "botocore", "filelock", "fsspec", "httpx", "datasets", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-
-
-def _load(args):
+def _config(args):
     from phi2sum.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
-def cmd_run(args) -> None:
-    from phi2sum.pipeline import run_local
+def split_job_arguments(args) -> None:
+    """Move `output=`/`shard=`/`predictions=` from the overrides to their options (`--output` etc.)."""
+    overrides = []
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in JOB_ARGUMENTS and hasattr(args, key):
+            if getattr(args, key) not in (None, value):
+                raise ConfigError(f"{key} is given twice ({getattr(args, key)} and {value}); give it once")
+            setattr(args, key, value)
+        else:
+            overrides.append(item)
+    args.overrides = overrides
 
-    _report_outputs(run_local(_load(args)))
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> None:
+    from phi2sum.local import run_local
+
+    _print_run(run_local(_config(args)))
 
 
 def cmd_train(args) -> None:
     if args.ray:
-        from phi2sum.ray_train import train_on_ray
+        from phi2sum.distributed.train import train_on_ray
 
-        _report_outputs(train_on_ray(_load(args)))
+        run = train_on_ray(_config(args))
+        print(f"adapter: {run.adapter_uri}")
         return
-    from phi2sum.pipeline import run_local
+    from phi2sum.local import run_local
 
-    _report_outputs(run_local(_load(args), stages=("train",)))
+    _print_run(run_local(_config(args), stages=("train",)))
 
 
 def cmd_summarize(args) -> None:
-    if args.ray:
-        from phi2sum.evaluate import evaluate_output
-        from phi2sum.ray_summarize import Shard, summarize_on_ray
+    if not args.ray:
+        from phi2sum.local import run_local
 
-        if not args.output:
-            raise ConfigError("summarize --ray needs --output (a folder or s3:// prefix for the shard outputs)")
-        cfg = _load(args)
-        done = summarize_on_ray(cfg, args.output, Shard.parse(args.shard))
-        print(f"{done['shard']}: {done['rows']} summaries in {args.output}")
-        if Shard.parse(args.shard).count == 1 and args.evaluate:
-            print(format_metrics(evaluate_output(args.output)))
+        _print_run(run_local(_config(args), stages=("summarize", "evaluate")))
         return
-    from phi2sum.pipeline import run_local
+    from phi2sum.distributed.summarize import summarize_on_ray
+    from phi2sum.outputs import Shard
 
-    _report_outputs(run_local(_load(args), stages=("summarize", "evaluate")))
+    if not args.output:
+        raise ConfigError("summarizing on Ray needs output=<folder or s3:// prefix> (or --output) for the shards")
+    shard = Shard.parse(args.shard)
+    done = summarize_on_ray(_config(args), args.output, shard)
+    print(f"{done['shard']}: {done['rows']} summaries in {args.output}")
+    if shard.count == 1 and args.evaluate:
+        from phi2sum.eval.scoring import evaluate_output
+
+        print(format_metrics(evaluate_output(args.output)))
 
 
 def cmd_evaluate(args) -> None:
-    from phi2sum import storage
-    from phi2sum.evaluate import evaluate_predictions
+    from phi2sum.eval.scoring import evaluate
 
-    predictions = args.predictions
-    if not predictions.endswith(".parquet"):
-        predictions = storage.join(predictions, "predictions.parquet")
-    metrics_uri = args.metrics or storage.join(predictions.rsplit("/", 1)[0], "metrics.json")
-    metrics = evaluate_predictions(predictions, metrics_uri)
+    if not args.predictions:
+        raise ConfigError("evaluate needs predictions=<predictions.parquet, a run folder or a summarize output>")
+    references = None
+    if args.config or args.overrides:  # a dataset to take references from, joined by id
+        from phi2sum.data import load_split
+
+        cfg = _config(args)
+        references = {r["id"]: r["summary"] for r in load_split(cfg.data, cfg.data.eval_split, None).records}
+    metrics, metrics_uri = evaluate(args.predictions, references, metrics_uri=args.metrics)
     print(format_metrics(metrics))
     print(f"metrics: {metrics_uri}")
 
@@ -99,38 +115,24 @@ def cmd_report(args) -> None:
 def cmd_plan(args) -> None:
     from phi2sum.plan import main_text
 
-    print(main_text(_load(args), gpu=args.gpu, model_config=args.model_config))
+    print(main_text(_config(args), gpu=args.gpu, model_config=args.model_config))
 
 
 def cmd_demo(args) -> None:
     from phi2sum import storage
     from phi2sum.config import load_config
-    from phi2sum.pipeline import run_local
-
-    cfg = load_config(args.config or DEMO_CONFIG, ["run.baseline=true", *args.overrides])
-    run = run_local(cfg)
-    _report_outputs(run)
-    before = storage.read_json(run.path("baseline", "metrics.json")) if run.has("baseline", "metrics.json") else None
-    after = storage.read_json(run.path("metrics.json"))
-    if before:
-        print("\nROUGE F1 x100     before (base model)   after (fine-tuned)")
-        for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-            print(f"  {name:<10} {100 * before[name]['mean']:>18.2f} {100 * after[name]['mean']:>20.2f}")
+    from phi2sum.local import run_local
     from phi2sum.report import write_report
 
+    run = run_local(load_config(args.config or DEMO_CONFIG, ["run.baseline=true", *args.overrides]))
+    _print_run(run)
+    if run.has("baseline", "metrics.json"):
+        before = storage.read_json(run.path("baseline", "metrics.json"))
+        print("\n" + format_before_after(before, storage.read_json(run.path("metrics.json"))))
     print(f"\nreport: {storage.join(write_report(run.uri), 'report.md')}")
 
 
-def format_metrics(metrics: dict) -> str:
-    lines = [f"ROUGE F1 x100 over {metrics['count']} examples (95% bootstrap interval):"]
-    for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-        m = metrics[name]
-        if m["mean"] is not None:
-            lines.append(f"  {name:<10} {100 * m['mean']:6.2f}  [{100 * m['low']:.2f}, {100 * m['high']:.2f}]")
-    return "\n".join(lines)
-
-
-def _report_outputs(run) -> None:
+def _print_run(run) -> None:
     from phi2sum import storage
 
     print(f"\nrun {run.cfg.run.name}: outputs in {run.uri}")
@@ -141,23 +143,31 @@ def _report_outputs(run) -> None:
         print(format_metrics(storage.read_json(run.path("metrics.json"))))
 
 
-def build_parser() -> argparse.ArgumentParser:
+# --- the parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "phi2sum") -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for help and the command name) and each command's own parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser = argparse.ArgumentParser(
-        prog="phi2sum", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES, parents=[common],
         description="QLoRA fine-tuning of a small LLM for summarization, batch summarization and ROUGE "
                     "evaluation, locally or on a Ray cluster, with artifacts on a local path or S3.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
 
-    def add(name: str, func: Callable, help_text: str, config_required: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text,
+    def add(name: str, func: Callable, help_text: str, configurable: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-        p.add_argument("--config", "-c", required=False, default=None,
-                       help="YAML config file or preset name in jobs/configs (tiny-cpu, phi2-xsum-t4); "
-                            "default: the built-in Phi-2/XSum recipe" + (" (demo: tiny-cpu)" if name == "demo" else ""))
-        p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="config overrides, e.g. train.max_steps=20 storage.output=s3://bucket/runs")
+        if configurable:
+            p.add_argument("--config", "-c", default=None,
+                           help="YAML config file or preset name (tiny-cpu, phi2-xsum-t4); default: the built-in "
+                                "Phi-2/XSum recipe" + (" (demo: tiny-cpu)" if name == "demo" else ""))
+            p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                           help="config overrides, e.g. train.max_steps=20 storage.output=s3://bucket/runs")
         p.set_defaults(func=func)
+        commands[name] = p
         return p
 
     add("run", cmd_run, "train, summarize the eval split and score it, in this process (local mode)")
@@ -166,43 +176,52 @@ def build_parser() -> argparse.ArgumentParser:
     sm = add("summarize", cmd_summarize,
              "summarize the eval split with model.adapter (or the base model) and score it")
     sm.add_argument("--ray", action="store_true", help="summarize with a Ray Data actor pool (ray.actors)")
-    sm.add_argument("--output", help="with --ray: where the shard outputs go (a folder or s3:// prefix)")
-    sm.add_argument("--shard", help="with --ray: only shard i/n of the dataset, e.g. 3/8")
+    sm.add_argument("--output", help="with --ray: where the shard outputs go (a folder or s3:// prefix); or output=")
+    sm.add_argument("--shard", help="with --ray: only shard i/n of the dataset, e.g. 3/8; or shard=")
     sm.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="with --ray: do not score")
     add("demo", cmd_demo, "the whole job on the embedded tiny model and synthetic data, offline on CPU; "
                           "prints ROUGE before vs after fine-tuning")
     pl = add("plan", cmd_plan, "estimate per-worker GPU memory and speed for a config; says whether it fits a GPU")
     pl.add_argument("--gpu", default="T4", help="T4 (default), L4, A10G, A100-40GB, A100-80GB, H100, H200")
     pl.add_argument("--model-config", default=None, help="a model config.json to take the shapes from")
-    rp = sub.add_parser("report", help="write <run>/report/: plots, predictions and report.md for a run",
-                        description="read a run folder (local or s3://) and write <run>/report/ with the loss curve, "
-                                    "ROUGE chart, dataset analysis, sample and all predictions, and report.md")
+    ev = add("evaluate", cmd_evaluate,
+             "score predictions with ROUGE-1/2/L/Lsum: adds per-example ROUGE columns to a predictions.parquet "
+             "(local or s3://) and writes metrics.json beside it; a summarize job's output is scored as a whole")
+    ev.add_argument("--predictions", "-p", default=None,
+                    help="predictions.parquet, a run folder or a summarize job's output; or predictions=")
+    ev.add_argument("--metrics", "-m", default=None, help="where to write metrics.json (default: beside them)")
+    rp = add("report", cmd_report, "read a run folder (local or s3://) and write <run>/report/ with the loss "
+                                   "curve, ROUGE chart, dataset analysis, sample and all predictions, and report.md",
+             configurable=False)
     rp.add_argument("run", help="the run folder, e.g. runs/my-run or s3://bucket/runs/my-run")
-    rp.set_defaults(func=cmd_report)
-    ev = sub.add_parser("evaluate", help="score a predictions.parquet (file or run folder) with ROUGE",
-                        description="score a predictions.parquet (a file or a run folder, local or s3://) with "
-                                    "ROUGE-1/2/L/Lsum and write metrics.json beside it")
-    ev.add_argument("--predictions", "-p", required=True, help="predictions.parquet or the folder holding it")
-    ev.add_argument("--metrics", "-m", default=None, help="where to write metrics.json (default: beside it)")
-    ev.set_defaults(func=cmd_evaluate)
-    return parser
+    return parser, commands
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        setup_logging(args.verbose)
+def parse(argv: list[str], prog: str = "phi2sum") -> argparse.Namespace:
+    """Options and `key=value` overrides in any order (argparse's intermixed parsing, which a parser with
+    subcommands cannot do itself: the command's own parser does it), `-v` before or after the command."""
+    parser, commands = build_parser(prog)
+    position = next((i for i, arg in enumerate(argv) if arg in commands), None)
+    if position is None or any(arg not in ("-v", "--verbose") for arg in argv[:position]):
+        return parser.parse_args(argv)  # help, or the usage error that names the commands
+    command = commands[argv[position]]
+    if prog.startswith("jobs."):  # `python -m jobs.summarize` is that command with its Ray flags already given
+        command.prog = f"python -m {prog}"
+    args = command.parse_intermixed_args(argv[position + 1:])
+    args.verbose = args.verbose or position > 0
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str = "phi2sum") -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv), prog)
+    setup_logging(args.verbose)
+
+    def body() -> None:
+        if hasattr(args, "overrides"):
+            split_job_arguments(args)
         args.func(args)
-    except Phi2SumError as exc:
-        from phi2sum.storage import redact
 
-        print(f"phi2sum: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("phi2sum: interrupted; rerun the same command (same run.name) to resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

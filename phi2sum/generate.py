@@ -21,16 +21,17 @@ from typing import Any, Iterable
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
-from phi2sum.config import Config, GenerationConfig, prompt_token_budget
+from phi2sum.config import Config, GenerationSettings, prompt_token_budget
 from phi2sum.errors import ModelError
-from phi2sum.model import free_memory, is_out_of_memory, load_for_inference
+from phi2sum.devices import free_memory, is_out_of_memory
+from phi2sum.adapters import load_for_inference
 from phi2sum.prompt import encode_prompt
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Summary:
+class Prediction:
     prediction: str
     prompt_tokens: int
     generated_tokens: int
@@ -96,12 +97,12 @@ class Summarizer:
 
     # -- core ----------------------------------------------------------------------------------------------
 
-    def summarize(self, documents: list[str], progress: bool = False) -> list[Summary]:
+    def summarize(self, documents: list[str], progress: bool = False) -> list[Prediction]:
         """Summaries in input order; internally batched longest-first so rows of a batch have similar lengths."""
         prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens)
                    for d in documents]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
-        results: list[Summary | None] = [None] * len(prompts)
+        results: list[Prediction | None] = [None] * len(prompts)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = _progress(len(documents), progress)
         for batch in batches:
@@ -111,7 +112,7 @@ class Summarizer:
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate(self, prompts) -> list[Summary]:
+    def _generate(self, prompts) -> list[Prediction]:
         """One generate() call; out of GPU memory, the batch is split in two and retried, never dropped.
 
         The retry starts only after the `except` block is left: inside it the traceback still holds the failed
@@ -131,7 +132,7 @@ class Summarizer:
                     len(prompts) - half)
         return self._generate(prompts[:half]) + self._generate(prompts[half:])
 
-    def _generate_once(self, prompts) -> list[Summary]:
+    def _generate_once(self, prompts) -> list[Prediction]:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         width = max(len(p.ids) for p in prompts)
@@ -148,7 +149,7 @@ class Summarizer:
             if eos in tokens:
                 tokens = tokens[: tokens.index(eos)]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            summaries.append(Summary(normalize(text), len(p.ids), len(tokens), p.truncated, width - len(p.ids)))
+            summaries.append(Prediction(normalize(text), len(p.ids), len(tokens), p.truncated, width - len(p.ids)))
         return summaries
 
     # -- Ray Data interface --------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class Summarizer:
         return out
 
 
-def beam_search(model, g: GenerationConfig, input_ids: torch.Tensor, attention: torch.Tensor, pad_id: int,
+def beam_search(model, g: GenerationSettings, input_ids: torch.Tensor, attention: torch.Tensor, pad_id: int,
                 eos_id: int, prefill_once: bool = True, **overrides) -> torch.Tensor:
     """`generate()` on a left-padded batch as the summarize job runs it (the GPU check measures this too):
     prompt prefilled once for all beams, n-gram blocking within the summary. Returns prompt + new token ids."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from phi2sum.errors import ConfigError
+
 DOCUMENT_SLOT = "{document}"
 
 
@@ -29,7 +31,9 @@ def encode_prompt(tokenizer, template: str, document: str, max_tokens: int) -> E
     head, tail = _encode(tokenizer, prefix), _encode(tokenizer, suffix)
     budget = max_tokens - len(head) - len(tail)
     if budget < 1:
-        raise ValueError(f"the prompt template alone needs {len(head) + len(tail)} tokens, more than {max_tokens}")
+        raise ConfigError(f"prompt.template alone is {len(head) + len(tail)} tokens, leaving no room for the document "
+                          f"in {max_tokens} prompt tokens; shorten the template or raise generation.max_prompt_tokens "
+                          "(or prompt.max_length)")
     # A document can be far longer than the budget; tokenizing a generous character prefix keeps this cheap.
     doc_ids = _encode(tokenizer, document[: budget * 16])
     truncated = len(doc_ids) > budget or len(document) > budget * 16
@@ -54,3 +58,8 @@ def encode_example(tokenizer, template: str, document: str, summary: str, max_le
         "prompt_tokens": len(prompt.ids),
         "truncated": prompt.truncated,
     }
+
+
+def check_template_fits(tokenizer, template: str, max_prompt_tokens: int) -> None:
+    """Fail before any work when the template leaves no room for a document (a one-line ConfigError)."""
+    encode_prompt(tokenizer, template, "x", max_prompt_tokens)

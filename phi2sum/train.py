@@ -20,8 +20,8 @@ import torch
 from phi2sum.config import Config
 from phi2sum.errors import DataError, TrainingError
 from phi2sum.faults import maybe_fail
-from phi2sum.model import (attach_lora, compute_dtype, count_parameters, free_memory, load_base_model, load_tokenizer,
-                           resolve_device)
+from phi2sum.devices import compute_dtype, free_memory, resolve_device
+from phi2sum.model import attach_lora, count_parameters, load_base_model, load_tokenizer
 from phi2sum.prompt import encode_example
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,18 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.grad_accum // world_size
 
 
+DIVERGED = ("lower train.learning_rate (now {lr:g}) or train.max_grad_norm; in fp16 (a T4) set model.dtype=float32 "
+            "to rule out overflow")
+
+
 class StepLog:
-    """A TrainerCallback keeping step, loss, learning rate, tokens and seconds, and stopping on a non-finite loss."""
+    """A TrainerCallback keeping step, loss, learning rate, tokens and seconds, and stopping a run that diverged.
+
+    Divergence is read from the raw logged loss and grad norm (the Trainer's `logging_nan_inf_filter`, which would
+    hide a NaN loss behind the average of earlier ones, is off: see `sft_config`), and a checkpoint is never saved
+    with non-finite adapter weights. In fp16 a non-finite gradient norm alone is not divergence: the GradScaler
+    skips that step and lowers its scale.
+    """
 
     def __init__(self, worker: int = 0):
         from transformers import TrainerCallback
@@ -90,10 +100,12 @@ class StepLog:
                 outer.offset = outer.rows[-1]["seconds"] if outer.rows else 0.0
 
             def on_log(self, args, state, control, logs=None, **kwargs):
-                outer.record(state, logs or {})
+                outer.record(state, logs or {}, fp16=args.fp16, learning_rate=args.learning_rate)
 
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
                 maybe_fail("train_step", state.global_step)  # test-only fault injection; a no-op otherwise
+                if control.should_save:  # before the Trainer writes the checkpoint a resume would start from
+                    check_finite_adapter(model, state.global_step, args.learning_rate)
 
         self.callback = _Callback()
 
@@ -101,23 +113,33 @@ class StepLog:
         """Seconds spent training so far, across resumed attempts (start-up and model loading excluded)."""
         return round(self.offset + time.time() - self.start, 3)
 
-    def record(self, state, logs: dict[str, Any]) -> None:
+    def record(self, state, logs: dict[str, Any], fp16: bool = False, learning_rate: float = 0.0) -> None:
         if "loss" not in logs:
             return
         loss = float(logs["loss"])
-        if not math.isfinite(loss):
-            raise TrainingError(f"training loss became {loss} at step {state.global_step}; with fp16 (e.g. on a T4) "
-                                "lower train.learning_rate or train.max_grad_norm, or set model.dtype=float32")
+        grad_norm = float(logs["grad_norm"]) if logs.get("grad_norm") is not None else float("nan")
+        if not math.isfinite(loss) or (not fp16 and "grad_norm" in logs and not math.isfinite(grad_norm)):
+            what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+            raise TrainingError(f"training diverged: the {what} at step {state.global_step}; "
+                                + DIVERGED.format(lr=learning_rate))
         self.rows.append({
             "worker": self.worker,
             "step": int(state.global_step),
             "epoch": float(state.epoch or 0.0),
             "loss": loss,
             "learning_rate": float(logs.get("learning_rate", 0.0)),
-            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else float("nan"),
+            "grad_norm": grad_norm,
             "tokens": int(state.num_input_tokens_seen),
             "seconds": self.elapsed(),
         })
+
+
+def check_finite_adapter(model, step: int, learning_rate: float) -> None:
+    """Refuse to save (or export) adapter weights that are NaN or infinite: such an adapter only produces garbage."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"training diverged: {len(bad)} adapter weight tensor(s) are not finite at step {step} "
+                            f"(e.g. {bad[0]}), so nothing is saved; " + DIVERGED.format(lr=learning_rate))
 
 
 def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: int = 1, **extra):
@@ -155,6 +177,7 @@ def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: i
         completion_only_loss=True,
         packing=False,
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # the raw loss, so StepLog sees a NaN instead of an average hiding it
         report_to="none",
         dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=extra.pop("disable_tqdm", False),
@@ -220,6 +243,7 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.time() - started
     adapter_dir = adapter_dir or os.path.join(output_dir, "adapter")
+    check_finite_adapter(trainer.model, int(trainer.state.global_step), cfg.train.learning_rate)
     if trainer.is_world_process_zero():
         trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
         trainer.processing_class.save_pretrained(adapter_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 _TESTS = Path(__file__).resolve().parent
-for _path in (str(_TESTS), str(_TESTS.parent)):  # `import s3_server` and `import phi2sum` under bare `pytest`
+for _path in (str(_TESTS), str(_TESTS.parent)):  # `import support` and `import phi2sum` under bare `pytest`
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 if os.environ.get("PHI2SUM_TESTS_USE_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from s3_server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, MotoServer  # noqa: E402
+from support.s3 import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, MotoServer  # noqa: E402
 
 
 def _clear_storage_cache() -> None:
@@ -74,10 +74,10 @@ TINY_RUN_OVERRIDES = ["run.name=tiny", "run.baseline=true", "data.num_eval=40"]
 def tiny_run(tmp_path_factory):
     """One real QLoRA run of the embedded tiny model (train, baseline + fine-tuned summaries, ROUGE), local.
 
-    Yields the `phi2sum.pipeline.Run`; `run.uri` is the run folder. Session-scoped: built once, read by many.
+    Yields the `phi2sum.local.Run`; `run.uri` is the run folder. Session-scoped: built once, read by many.
     """
     from phi2sum.config import load_config
-    from phi2sum.pipeline import run_local
+    from phi2sum.local import run_local
 
     out = tmp_path_factory.mktemp("runs")
     return run_local(load_config("tiny-cpu", [f"storage.output={out}", *TINY_RUN_OVERRIDES]))
@@ -89,7 +89,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_head():
     """`ray start --head` on 127.0.0.1 (2 CPUs, dashboard on) for the session; `ray stop` afterwards."""
-    from ray_cluster import RayHead
+    from support.ray_head import RayHead
 
     head = RayHead().start()
     try:
@@ -100,3 +100,34 @@ def ray_head():
         if ray.is_initialized():  # a driver whose cluster is stopped under it exits the whole process
             ray.shutdown()
         head.stop()
+
+
+# --- the fast lane (`make test-fast`: -m "not slow") -----------------------------------------------------------
+
+# Tests that start a process (a Ray head, a moto server, the CLI) or train a model are slow: marked here, by what
+# they use, so a new test that uses one of these is in the right lane without anyone remembering to mark it.
+SLOW_FIXTURES = {"ray_head", "tiny_run", "s3_server", "s3_env", "built"}
+SLOW_MODULES = {"test_cli", "test_reliability", "test_ray_train", "test_ray_summarize", "test_learning"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                "s3" in params.values():  # a test parametrized over local and s3:// starts moto for s3
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_starts_no_process(request, monkeypatch):
+    """In the fast lane a test that starts a process fails, naming the fix: the lane's promise is enforced."""
+    if request.config.getoption("markexpr", "") != "not slow" or request.node.get_closest_marker("slow"):
+        return
+    import subprocess
+
+    class Refused(subprocess.Popen):  # a class, so modules that subclass Popen at import still import
+        def __init__(self, args, *rest, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({args}); mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess, "Popen", Refused)

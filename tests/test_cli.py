@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-PHI2SUM = str(Path(sys.executable).with_name("phi2sum"))
+from support.processes import clean_env, phi2sum
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PHI2SUM, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return phi2sum(*args, env=clean_env(**(env or {})), timeout=300)
 
 
 def test_help_lists_the_commands():
@@ -43,7 +39,7 @@ def test_user_errors_are_one_line(args, message):
 
 
 def test_phi2_recipe_offline_says_the_model_could_not_be_fetched(tmp_path):
-    out = cli("run", "--config", "jobs/configs/phi2-xsum-t4.yaml", f"storage.output={tmp_path}",
+    out = cli("run", "--config", "phi2-xsum-t4", f"storage.output={tmp_path}",
               env={"HF_HOME": str(tmp_path / "hf")})
     assert out.returncode == 2
     assert "could not fetch model 'microsoft/phi-2'" in out.stderr and "Traceback" not in out.stderr
@@ -52,9 +48,7 @@ def test_phi2_recipe_offline_says_the_model_could_not_be_fetched(tmp_path):
 
 def test_demo_runs_from_its_default_relative_output_folder(tmp_path):
     """`make demo` as a user runs it: the default `storage.output=runs` is relative to the working directory."""
-    out = subprocess.run([PHI2SUM, "demo", "data.num_train=32", "data.num_eval=8", "train.epochs=1"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = phi2sum("demo", "data.num_train=32", "data.num_eval=8", "train.epochs=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "before (base model)   after (fine-tuned)" in out.stdout
     [run] = list((tmp_path / "runs").iterdir())

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.shared import KUBERAY_SCHEMAS, needs_kuberay_schemas
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 AWS_CONFIG = CLUSTER / "aws" / "phi2sum-t4.yaml"
@@ -106,22 +108,14 @@ def _entrypoint(path: Path) -> list[str]:
 def test_rayjob_runs_an_existing_config_with_valid_overrides(path):
     from phi2sum.config import load_config
 
-    argv = _entrypoint(path)
-    config = argv[argv.index("--config") + 1]
-    assert (REPO / config).is_file(), config
-    job_args = ("output=", "shard=", "predictions=")  # the jobs' own arguments, not config keys
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith(("-", *job_args))]
-    load_config(REPO / config, overrides)  # every override names a real key with a valid value
+    from phi2sum.cli import JOB_ARGUMENTS
 
-
-@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.stem)
-def test_rayjob_module_exists(path):
     argv = _entrypoint(path)
     module = argv[argv.index("-m") + 1]
-    assert re.fullmatch(r"jobs\.\w+", module), module
-    file = REPO / (module.replace(".", "/") + ".py")
-    if not file.is_file():
-        pytest.skip(f"{file.relative_to(REPO)} is not written yet")
+    assert re.fullmatch(r"jobs\.\w+", module) and (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+    config = argv[argv.index("--config") + 1]
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith(("-", *(f"{a}=" for a in JOB_ARGUMENTS)))]
+    load_config(config, overrides)  # a preset that exists, and every override names a real key with a valid value
 
 
 CREDENTIAL_PATTERNS = [
@@ -148,3 +142,59 @@ def test_the_credential_scan_catches_planted_keys():
     planted = "env:\n  - name: AWS_SECRET_ACCESS_KEY\n    value: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
     assert len(_credentials(planted)) >= 2
     assert _credentials("aws_access_key_id: AKIAIOSFODNN7EXAMPLE")
+
+
+# --- the KubeRay manifests against KubeRay's own CRD schemas, unknown fields forbidden ---------------------------
+
+
+def _strict(schema):
+    """The CRD schema as the API server applies it, but refusing unknown fields (the server would silently drop
+    them, so a misspelt field would just not take effect): objects that list properties and do not preserve
+    unknown fields get additionalProperties: false."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    import jsonschema
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+    validators = {}
+    for kind, file in (("RayCluster", "ray.io_rayclusters.yaml"), ("RayJob", "ray.io_rayjobs.yaml")):
+        crd = yaml.load((KUBERAY_SCHEMAS / file).read_text(encoding="utf-8"), Loader=loader)
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        validators[kind] = jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+def _errors(validators, manifest) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validators[manifest["kind"]].iter_errors(manifest)]
+
+
+@needs_kuberay_schemas
+@pytest.mark.parametrize("path", [KUBERAY / "raycluster.yaml", *RAYJOBS], ids=lambda p: p.stem)
+def test_kuberay_manifests_pass_the_v1_7_crd_schemas(crd_validators, path):
+    assert _errors(crd_validators, _load(path)) == []
+
+
+@needs_kuberay_schemas
+@pytest.mark.parametrize("breakage", ["misspelt_field", "wrong_type", "unknown_top_level"])
+def test_a_broken_manifest_fails_the_crd_schema(crd_validators, breakage):
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    container = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    if breakage == "misspelt_field":
+        container["imagePullPolicyy"] = "Always"  # the API server would drop it without a word
+    elif breakage == "wrong_type":
+        cluster["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    else:
+        cluster["spec"]["autoscalerOptionz"] = {}
+    assert _errors(crd_validators, cluster)

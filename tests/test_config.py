@@ -81,3 +81,56 @@ def test_resolved_config_round_trips_through_yaml():
     from phi2sum.config import config_from_dict
 
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())).to_dict() == cfg.to_dict()
+
+
+# --- bad values are one line at load, before any model loads ----------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=inf", "'train.epochs' must be a finite number"),
+    ("train.learning_rate=.nan", "'train.learning_rate' must be a finite number"),
+    ("train.seed=-1", "'train.seed' is -1; it must be in [0, 2**32)"),
+    ("data.seed=99999999999", "'data.seed' is 99999999999"),
+    ("generation.max_prompt_tokens=4", "'generation.max_prompt_tokens' is 4"),
+    ("generation.max_new_tokens=250", "'generation.max_new_tokens' is 250; it must be at least 8 below prompt.max_length"),
+    ("storage.output=", "'storage.output' is ''"),
+    ("storage.output=s3://", "'storage.output' is 's3://'"),
+    ("storage.output=s3:/bucket/x", "s3://bucket[/prefix]"),
+    ("storage.output=gs://bucket/x", "other schemes are not supported"),
+    ("model.adapter=s3:///adapter", "'model.adapter' is 's3:///adapter'"),
+])
+def test_bad_values_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny-cpu", [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_good_locations_pass():
+    for output in ("runs", "/tmp/x", "s3://my-bucket", "s3://my-bucket/runs/a"):
+        assert load_config("tiny-cpu", [f"storage.output={output}"]).storage.output == output
+
+
+def test_text_settings_keep_what_was_typed():
+    cfg = load_config("tiny-cpu", ["prompt.template=### Article: {document} ### Summary:", "run.name=2024"])
+    assert cfg.prompt.template == "### Article: {document} ### Summary:"  # not cut at ' #' (a YAML comment)
+    assert load_config("tiny-cpu", ["prompt.template=Summarize: {document}"]).prompt.template == "Summarize: {document}"
+    quoted = load_config("tiny-cpu", ['prompt.template="Article:\\n{document}\\nSummary:\\n"'])
+    assert quoted.prompt.template == "Article:\n{document}\nSummary:\n"  # double quotes: YAML escapes
+    assert cfg.run.name == "2024" and load_config("tiny-cpu", ["model.adapter=null"]).model.adapter is None
+
+
+def test_a_config_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text.*save the file as UTF-8"):
+        load_config(str(path))
+
+
+def test_optimizer_and_scheduler_names_are_transformers_own():
+    from phi2sum.config import check_trainer_names
+
+    check_trainer_names(load_config("phi2-xsum-t4"))
+    with pytest.raises(ConfigError, match="'train.optim' is 'paged_adamw_8bitt'.*did you mean 'paged_adamw_8bit'"):
+        check_trainer_names(load_config("phi2-xsum-t4", ["train.optim=paged_adamw_8bitt"]))
+    with pytest.raises(ConfigError, match="'train.lr_scheduler' is 'cosinus'"):
+        check_trainer_names(load_config("phi2-xsum-t4", ["train.lr_scheduler=cosinus"]))

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from phi2sum.config import load_config
-from phi2sum.embedded import synthetic_records
+from phi2sum.demo import synthetic_records
 from phi2sum.generate import Summarizer
+
+
+@pytest.fixture
+def quick(greedy, monkeypatch):
+    """The greedy Summarizer generating 2 tokens: for tests about batching, not about the text."""
+    monkeypatch.setattr(greedy.cfg.generation, "max_new_tokens", 2)
+    return greedy
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,8 @@ def test_output_is_cut_at_eos_and_only_new_tokens_decoded(greedy, monkeypatch):
     assert summary.generated_tokens == len(words)
 
 
-def test_out_of_memory_splits_the_batch(greedy, monkeypatch):
-    real = greedy._generate_once
+def test_out_of_memory_splits_the_batch(quick, monkeypatch):
+    real = quick._generate_once
     sizes = []
 
     def flaky(prompts):
@@ -54,9 +61,9 @@ def test_out_of_memory_splits_the_batch(greedy, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(prompts)
 
-    monkeypatch.setattr(greedy, "_generate_once", flaky)
+    monkeypatch.setattr(quick, "_generate_once", flaky)
     docs = [r["document"] for r in synthetic_records("test")[:8]]
-    out = greedy.summarize(docs)
+    out = quick.summarize(docs)
     assert len(out) == 8 and all(s.prediction is not None for s in out)
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved until it fits, every half retried, nothing dropped
 
@@ -117,9 +124,9 @@ def test_no_repeat_ngram_blocks_repeats_in_the_summary_but_not_phrases_of_the_ar
     assert banned(NoRepeatNGramInSummary(2, len(prompt)), repeats_itself) == [13]
 
 
-def test_out_of_memory_retry_starts_after_the_failed_attempt_is_freed(greedy, monkeypatch):
+def test_out_of_memory_retry_starts_after_the_failed_attempt_is_freed(quick, monkeypatch):
     """Retrying inside the `except` block keeps the failed attempt's frames (KV cache, beams) alive."""
-    real = greedy._generate_once
+    real = quick._generate_once
     failed, freed_at_each_call = [], []
 
     def flaky(prompts):
@@ -130,8 +137,8 @@ def test_out_of_memory_retry_starts_after_the_failed_attempt_is_freed(greedy, mo
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(prompts)
 
-    monkeypatch.setattr(greedy, "_generate_once", flaky)
-    greedy.summarize([r["document"] for r in synthetic_records("test")[:8]])
+    monkeypatch.setattr(quick, "_generate_once", flaky)
+    quick.summarize([r["document"] for r in synthetic_records("test")[:8]])
     assert len(freed_at_each_call) == 7 and all(freed_at_each_call)
 
 
@@ -139,8 +146,8 @@ def test_out_of_memory_retry_starts_after_the_failed_attempt_is_freed(greedy, mo
     (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
     (RuntimeError("shape mismatch"), False),
 ])
-def test_cublas_allocation_failure_is_out_of_memory_too(greedy, monkeypatch, error, split):
-    real = greedy._generate_once
+def test_cublas_allocation_failure_is_out_of_memory_too(quick, monkeypatch, error, split):
+    real = quick._generate_once
     sizes = []
 
     def flaky(prompts):
@@ -149,24 +156,24 @@ def test_cublas_allocation_failure_is_out_of_memory_too(greedy, monkeypatch, err
             raise error
         return real(prompts)
 
-    monkeypatch.setattr(greedy, "_generate_once", flaky)
+    monkeypatch.setattr(quick, "_generate_once", flaky)
     docs = [r["document"] for r in synthetic_records("test")[:4]]
     if split:
-        assert len(greedy.summarize(docs)) == 4 and sizes == [4, 2, 2]
+        assert len(quick.summarize(docs)) == 4 and sizes == [4, 2, 2]
     else:
         with pytest.raises(RuntimeError, match="shape mismatch"):
-            greedy.summarize(docs)
+            quick.summarize(docs)
 
 
-def test_one_document_that_does_not_fit_is_a_clear_error(greedy, monkeypatch):
+def test_one_document_that_does_not_fit_is_a_clear_error(quick, monkeypatch):
     from phi2sum.errors import ModelError
 
     def oom(prompts):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(greedy, "_generate_once", oom)
+    monkeypatch.setattr(quick, "_generate_once", oom)
     with pytest.raises(ModelError, match="lower generation.num_beams"):
-        greedy.summarize(["One article."])
+        quick.summarize(["One article."])
 
 
 def test_null_batch_size_is_planned_for_the_replicas_own_device(monkeypatch):

@@ -18,6 +18,7 @@ from phi2sum.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_refuses_without_a_gpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / "gpu_check.json"
@@ -77,6 +78,7 @@ def test_table_shows_measurements_next_to_the_plan():
     assert "8 x 4 beams, 448+64 tok" in table
 
 
+@pytest.mark.slow
 def test_the_trainer_phase_runs_the_jobs_own_trainer(tmp_path):
     """The phase a GPU run needs most (SFTTrainer + accelerate) is the job's code path; on CPU it runs in fp32."""
     from phi2sum.config import load_config

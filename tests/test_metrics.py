@@ -2,7 +2,7 @@
 
 import pytest
 
-from phi2sum.metrics import ROUGE_TYPES, aggregate, rouge, score_examples
+from phi2sum.eval.metrics import ROUGE_TYPES, aggregate, rouge, score_examples
 
 
 def test_rouge_by_hand():

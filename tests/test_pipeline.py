@@ -9,9 +9,10 @@ import pytest
 
 from phi2sum import storage
 from phi2sum.config import load_config
-from phi2sum.pipeline import run_local
+from phi2sum.local import run_local
 
-OUTPUTS = ["config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "train_log.parquet",
+OUTPUTS = ["config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/_COMPLETE.json",
+           "train_log.parquet",
            "predictions.parquet", "metrics.json", "summary.json"]
 PREDICTION_COLUMNS = {"id", "document", "reference", "prediction", "prompt_tokens", "generated_tokens",
                       "rouge1", "rouge2", "rougeL", "rougeLsum"}
@@ -45,7 +46,7 @@ def test_saved_adapter_reloads_and_gives_the_same_summaries(tiny_run):
     from peft import PeftModel
 
     from phi2sum.generate import Summarizer
-    from phi2sum.model import load_for_inference
+    from phi2sum.adapters import load_for_inference
 
     model, _ = load_for_inference(tiny_run.cfg, adapter=tiny_run.adapter_uri)
     assert isinstance(model, PeftModel)

@@ -13,7 +13,7 @@ from phi2sum import plan
 from phi2sum.config import load_config
 from phi2sum.errors import ConfigError
 
-SEED = "jobs/configs/phi2-xsum-t4.yaml"
+SEED = "phi2-xsum-t4"
 SHARED_PHI2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "phi-2" / "config.json"
 PHI2_PARAMETERS = 2_779_683_840
 

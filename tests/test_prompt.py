@@ -9,7 +9,7 @@ import pytest
 
 from phi2sum.config import Config
 from phi2sum.prompt import encode_example, encode_prompt
-from tests.shared_data import PHI2_DIR, XSUM_DIR, needs_phi2_tokenizer, needs_xsum
+from support.shared import PHI2_DIR, XSUM_DIR, needs_phi2_tokenizer, needs_xsum
 
 TEMPLATE = Config().prompt.template
 pytestmark = [needs_phi2_tokenizer, needs_xsum]

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from phi2sum import storage
-from phi2sum.embedded import synthetic_records
-from phi2sum.ray_summarize import Shard
+from phi2sum.demo import synthetic_records
+from phi2sum.outputs import Shard
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet
     assert json.loads(part.column("model")[0].as_py())["adapter"] == tiny_run.adapter_uri
 
     # Evaluate reproduces the metrics computed directly from the predictions.
-    from phi2sum.metrics import rouge
+    from phi2sum.eval.metrics import rouge
 
     table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "preds").glob("shard-*/part-*.parquet"))])
     direct, _ = rouge(table.column("prediction").to_pylist(), table.column("reference").to_pylist())
@@ -87,7 +87,8 @@ def test_killed_actor_still_yields_every_id_once_on_s3(ray_head, parquet_input, 
 def test_rerun_after_a_crash_completes_only_what_is_missing(ray_head, parquet_input, tmp_path):
     """Parts committed before a driver crash are kept; the rerun summarizes only the rest."""
     from phi2sum.config import load_config
-    from phi2sum.ray_summarize import SUCCESS, committed, summarize_on_ray
+    from phi2sum.distributed.summarize import summarize_on_ray
+    from phi2sum.outputs import SUCCESS, committed
 
     cfg = load_config("tiny-cpu", [f"data.source={parquet_input}", f"ray.address={ray_head.address}", "ray.actors=1", "generation.batch_size=5",
                                    "generation.num_beams=1", "generation.max_new_tokens=8"])

@@ -22,7 +22,7 @@ def loads_as_peft_adapter(adapter_dir: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phi2sum.embedded import tiny_model_path
+    from phi2sum.demo import tiny_model_path
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path())
     model = PeftModel.from_pretrained(base, adapter_dir)
@@ -97,7 +97,7 @@ def test_scaling_out_keeps_the_examples_seen_and_one_worker_equals_local(ray_hea
     """2 workers x grad-accum k and 1 worker x grad-accum 2k: same optimizer steps, same examples (tokens);
     and the Ray job with one worker trains exactly like `phi2sum train` (same losses step by step)."""
     from phi2sum.config import load_config
-    from phi2sum.pipeline import run_local
+    from phi2sum.local import run_local
 
     common = ["data.num_train=32", "train.batch_size=2", "train.epochs=1", "train.logging_steps=1",
               f"storage.output={tmp_path}"]
@@ -107,7 +107,7 @@ def test_scaling_out_keeps_the_examples_seen_and_one_worker_equals_local(ray_hea
         assert result.status == "SUCCEEDED", result.logs[-3000:]
     local = run_local(load_config("tiny-cpu", [*common, "train.grad_accum=4", "run.name=local"]), stages=("train",))
     two, one = (json.loads((tmp_path / n / "summary.json").read_text())["train"] for n in ("two", "one"))
-    mine = local.summary["train"]
+    mine = local.stats["train"]
     assert two["steps"] == one["steps"] == mine["steps"] == 32 // (2 * 2 * 2)
     assert two["effective_batch"] == one["effective_batch"] == mine["effective_batch"] == 8
     assert two["tokens"] == one["tokens"] == mine["tokens"]  # the same examples, split over the workers

@@ -196,7 +196,7 @@ def synthetic_run(folder, *, n=30, truncated=0.0, gen_words=12, workers=1, shard
                   with_config=True, seed=0) -> str:
     """A run folder written by hand, to steer the numbers the next-step rules look at."""
     from phi2sum.config import load_config
-    from phi2sum.metrics import rouge
+    from phi2sum.eval.metrics import rouge
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def test_ray_summarize_output_of_shards(tmp_path):
     # an unfinished shard: the report still comes out and says why the predictions are missing
     storage.delete(storage.join(uri, "shard-1-of-2", "_SUCCESS.json"))
     markdown = storage.read_text(storage.join(write_report(uri), "report.md"))
-    assert "shards missing or incomplete" in markdown
+    assert "shard(s) missing or incomplete" in markdown
 
 
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 
 from phi2sum import storage
 from phi2sum.errors import StorageError
-from s3_server import TEST_SECRET_ACCESS_KEY
+from support.s3 import TEST_SECRET_ACCESS_KEY, closed_port
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -212,7 +212,7 @@ def test_atomic_writes_leave_no_temp_files(root):
         storage.write_parquet(pa.table({"x": [step]}), storage.join(root, "p.parquet"))
     assert storage.read_json(target) == {"step": 2}
     assert [os.path.basename(f) for f in storage.list_files(root)] == ["metrics.json", "p.parquet"]
-    assert _leftovers(root if storage.is_s3(root) else storage._local_path(root)) == []
+    assert _leftovers(root if storage.is_s3(root) else storage.uris.local_path(root)) == []
 
 
 def test_failed_write_keeps_old_content(root):
@@ -233,37 +233,83 @@ def test_failed_write_keeps_old_content(root):
         storage.write_bytes(storage.join(root, "new.bin"), chunks())
     assert not storage.exists(storage.join(root, "new.bin"))
     assert storage.list_files(root) == [target if storage.is_s3(root) else os.path.abspath(target)]
-    assert _leftovers(root if storage.is_s3(root) else storage._local_path(root)) == []
+    assert _leftovers(root if storage.is_s3(root) else storage.uris.local_path(root)) == []
 
 
 # ------------------------------------------------------------------------------------------- run ownership
 
 
-def test_claim_run_dir(root):
+def _claim(out):
+    return storage.read_json(storage.join(out, storage.RUN_MARKER))
+
+
+def test_a_claim_is_held_while_its_run_lives_and_freed_when_it_ends(root):
     out = storage.join(root, "outputs/run-a")
-    assert storage.claim_run_dir(out, "run-a") is True
-    assert storage.read_json(storage.join(out, storage.RUN_MARKER)) == {"run_id": "run-a"}
-    assert storage.claim_run_dir(out, "run-a") is False  # same run: resume/rerun is fine
+    first = storage.claim_run_dir(out, "run-a")
+    assert first.created and _claim(out)["run_id"] == "run-a" and not _claim(out)["released"]
+    with pytest.raises(StorageError, match="is in use by this run, still running"):
+        storage.claim_run_dir(out, "run-a")  # the same run twice at once: never two trainings side by side
+    first.release()
+    assert _claim(out)["released"]
+    again = storage.claim_run_dir(out, "run-a")  # a rerun or resume of a finished (or failed) run
+    assert not again.created
     storage.write_text(storage.join(out, "adapter/weights.bin"), "w")
-    assert storage.claim_run_dir(out, "run-a") is False
-    with pytest.raises(StorageError, match="earlier attempt"):
-        storage.claim_run_dir(out, "run-a", resume=False)
-
-    with pytest.raises(StorageError, match="another run's outputs.*run-a.*run.name"):
+    again.release()
+    with pytest.raises(StorageError, match="already holds another run's outputs \\(run 'run-a', e.g. adapter/"):
         storage.claim_run_dir(out, "run-b")
-    assert storage.read_json(storage.join(out, storage.RUN_MARKER)) == {"run_id": "run-a"}  # not taken over
+    assert _claim(out)["run_id"] == "run-a"  # not taken over
 
+
+def test_a_failed_attempt_that_left_no_outputs_does_not_block_another_config(root):
+    out = storage.join(root, "outputs/failed")
+    storage.claim_run_dir(out, "r:config1").release()  # it failed after claiming, before writing any output
+    storage.write_text(storage.join(out, "config.yaml"), "the failed attempt's config")
+    fixed = storage.claim_run_dir(out, "r:config2")
+    assert _claim(out)["run_id"] == "r:config2" and not fixed.created
+
+
+def test_a_folder_with_files_but_no_claim_is_refused(root):
     foreign = storage.join(root, "outputs/by-hand")
     storage.write_text(storage.join(foreign, "notes.txt"), "someone else's")
-    with pytest.raises(StorageError, match="another run's outputs.*no _phi2sum_run.json"):
+    with pytest.raises(StorageError, match="holds files but no _phi2sum_run.json"):
         storage.claim_run_dir(foreign, "run-c")
     assert not storage.exists(storage.join(foreign, storage.RUN_MARKER))
 
 
+def test_a_claim_from_another_machine_counts_until_its_heartbeat_is_stale(root):
+    import time
+
+    out = storage.join(root, "outputs/remote")
+    record = {"run_id": "other:x", "token": "t", "host": "some-other-host", "pid": 1, "released": False}
+    storage.write_json(storage.join(out, storage.RUN_MARKER), {**record, "heartbeat": time.time()})
+    with pytest.raises(StorageError, match="is in use by run 'other:x', still running .* on some-other-host"):
+        storage.claim_run_dir(out, "mine:y")
+    storage.write_json(storage.join(out, storage.RUN_MARKER),
+                       {**record, "heartbeat": time.time() - storage.claims.STALE_S - 1})
+    storage.claim_run_dir(out, "mine:y").release()  # its holder is gone and it left nothing: taken over
+    assert _claim(out)["run_id"] == "mine:y"
+
+
+@pytest.mark.slow
+def test_a_dead_local_process_does_not_hold_its_claim(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = str(tmp_path / "killed")
+    storage.write_json(storage.join(out, storage.RUN_MARKER), {
+        "run_id": "r:x", "token": "t", "host": socket.gethostname(), "pid": int(dead.stdout), "released": False,
+        "heartbeat": time.time()})  # fresh, but its process is gone (SIGKILLed, say)
+    assert not storage.claims.holder_alive(_claim(out))
+    storage.claim_run_dir(out, "r:x").release()
+
+
 def test_claim_run_dir_relative_local_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert storage.claim_run_dir("runs/r1/", "r1", resume=False) is True
-    assert storage.claim_run_dir("runs/r1", "r1", resume=False) is False  # only the marker there: fine
+    storage.claim_run_dir("runs/r1/", "r1").release()
+    storage.claim_run_dir("runs/r1", "r1").release()  # only the claim there: fine
     assert (tmp_path / "runs/r1" / storage.RUN_MARKER).is_file()
 
 
@@ -289,14 +335,8 @@ def test_missing_bucket(s3_env):
     assert storage.exists(uri) is False
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_endpoint_fails_fast(s3_env, monkeypatch):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     uri = storage.join(s3_env, "x.json")
     for call in (lambda: storage.read_json(uri), lambda: storage.write_json(uri, {}),
@@ -333,7 +373,8 @@ def silent_server():
 
 
 def test_hung_endpoint_times_out(s3_env, silent_server, monkeypatch):
-    monkeypatch.setattr(storage, "REQUEST_TIMEOUT_S", 1.0)  # the wiring is what is tested, not the default
+    monkeypatch.setattr(storage.fs, "REQUEST_TIMEOUT_S", 1.0)  # the wiring is what is tested, not the defaults
+    monkeypatch.setattr(storage.fs, "MAX_ATTEMPTS", 2)
     monkeypatch.setenv("AWS_ENDPOINT_URL", silent_server)
     # 2 attempts x 1 s (+ boto3's 1 s wait for "100 Continue"); the SDK defaults would take far longer
     for call, limit in ((lambda: storage.read_bytes(storage.join(s3_env, "x")), 6),  # pyarrow path
@@ -434,3 +475,13 @@ def test_invalid_json_is_storage_error(root):
     storage.write_text(storage.join(root, "bad.json"), "{not json")
     with pytest.raises(StorageError, match="not valid JSON"):
         storage.read_json(storage.join(root, "bad.json"))
+
+
+def test_a_path_through_a_regular_file_says_so(tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match=r"results.txt is a file, not a folder; choose another location"):
+        storage.write_text(str(blocker / "run" / "config.yaml"), "x")
+    with pytest.raises(StorageError, match=r"results.txt is a file, not a folder"):
+        storage.read_text(str(blocker / "run" / "config.yaml"))
+    assert blocker.read_text() == "not a folder"

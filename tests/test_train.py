@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phi2sum.config import load_config
-from phi2sum.embedded import synthetic_records
+from phi2sum.demo import synthetic_records
 from phi2sum.errors import TrainingError
 from phi2sum.train import StepLog, build_trainer, grad_accum_steps, restore_adapter_dtype, train
 
@@ -60,9 +60,25 @@ def test_the_4bit_qlora_path_runs_on_cpu(prepared):
 def test_non_finite_loss_stops_with_a_clear_message():
     log = StepLog()
     log.record(SimpleNamespace(global_step=1, epoch=0.1, num_input_tokens_seen=10), {"loss": 2.0})
-    with pytest.raises(TrainingError, match="loss became nan at step 2.*fp16"):
+    with pytest.raises(TrainingError, match="the loss became nan at step 2.*lower train.learning_rate"):
         log.record(SimpleNamespace(global_step=2, epoch=0.2, num_input_tokens_seen=20), {"loss": math.nan})
-    assert len(log.rows) == 1
+    with pytest.raises(TrainingError, match="gradient norm became inf"):
+        log.record(SimpleNamespace(global_step=3, epoch=0.3, num_input_tokens_seen=30), {"loss": 1.0, "grad_norm": math.inf})
+    # fp16: an infinite gradient norm is the GradScaler skipping a step, not divergence
+    log.record(SimpleNamespace(global_step=4, epoch=0.4, num_input_tokens_seen=40), {"loss": 1.0, "grad_norm": math.inf},
+               fp16=True)
+    assert [r["step"] for r in log.rows] == [1, 4]
+
+
+def test_a_diverging_run_stops_and_saves_no_adapter(tmp_path):
+    """A real divergence on CPU: the Trainer's NaN filter used to log loss 0.0 and the run saved NaN weights."""
+    cfg = load_config("tiny-cpu", ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=1",
+                                   "train.learning_rate=1e30", "train.logging_steps=1", "train.save_steps=3",
+                                   "train.warmup_steps=0", "train.max_grad_norm=0"])
+    with pytest.raises(TrainingError, match="training diverged"):
+        train(cfg, synthetic_records("train")[:12], str(tmp_path / "out"), adapter_dir=str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # nothing a rerun would resume from
 
 
 def test_keep_effective_batch_divides_accumulation():

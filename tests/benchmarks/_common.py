@@ -57,7 +57,7 @@ def uptime_line() -> str:
 def machine_facts() -> dict[str, Any]:
     import torch
 
-    from phi2sum.pipeline import package_versions
+    from phi2sum.run import package_versions
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                       if line.startswith("model name")), platform.processor())
@@ -181,7 +181,7 @@ def _records(sample: str, split: str, n: int) -> tuple[list[dict[str, str]], str
     records = _read_sample(sample, n)
     if records is not None:
         return records, str(XSUM_DIR / sample)
-    from phi2sum.embedded import EMBEDDED_DATA, synthetic_records
+    from phi2sum.demo import EMBEDDED_DATA, synthetic_records
 
     return synthetic_records(split)[:n], f"{EMBEDDED_DATA} ({split} split)"
 
@@ -207,7 +207,7 @@ def bench_model_path(hidden: int = 256, layers: int = 4, heads: int = 8, interme
     used instead (its own small tokenizer and vocabulary), and the returned description says so.
     """
     if not (PHI2_DIR / "tokenizer.json").is_file():
-        from phi2sum.embedded import EMBEDDED_MODEL, tiny_model_path
+        from phi2sum.demo import EMBEDDED_MODEL, tiny_model_path
 
         return tiny_model_path(), {"model": EMBEDDED_MODEL, "note": "../shared/models/phi-2 absent: embedded model"}
     shape = phi_shape(hidden, layers, heads, intermediate)

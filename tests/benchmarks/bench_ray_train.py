@@ -5,7 +5,7 @@
 
 Part (a), overhead. The same training (`--config tiny-cpu train.max_steps=N`, the embedded tiny model) three ways,
 each in a fresh process, timed from the outside:
-  local    `phi2sum train --config tiny-cpu ...` (= `phi2sum.pipeline.run_local(cfg, stages=("train",))`)
+  local    `phi2sum train --config tiny-cpu ...` (= `phi2sum.local.run_local(cfg, stages=("train",))`)
   ray-1w   `ray job submit --working-dir <repo> -- python -m jobs.train ... ray.num_workers=1`
   ray-2w   the same with ray.num_workers=2 (each worker runs N steps on its half of the data)
 against a head started like tests/ray_cluster.py (`ray start --head --num-cpus=<nproc> --include-dashboard=true`,
@@ -17,7 +17,7 @@ step), so wall - worker_train_s is the full overhead of each mode.
 Part (b), throughput. `phi2sum.train.train` (the function every mode runs) on the first XSum train-sample
 records, prompt.max_length=512 (documents cut to fit), on a randomly initialised Phi-shaped model with the real
 Phi-2 tokenizer and vocabulary, 4-bit NF4 + LoRA r=16 as the recipe (batch 1, gradient checkpointing,
-paged_adamw_8bit), for each --threads value in this process; then the same with `phi2sum.ray_train.train_on_ray`
+paged_adamw_8bit), for each --threads value in this process; then the same with `phi2sum.distributed.train.train_on_ray`
 on a fresh in-process Ray instance with --ray-workers workers (nproc/workers CPUs and threads each; each worker
 does the same number of optimizer steps on its share of the data). tokens/s/worker counts the non-padding
 tokens the trainer saw (Ray: the gathered total / workers) over the training loop alone; `steady` leaves out the
@@ -115,7 +115,7 @@ def run_ray_job(head, workers: int, cpus_per_worker: float, overrides: list[str]
 
 
 def overhead_part(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from phi2sum.embedded import tiny_model_path
+    from phi2sum.demo import tiny_model_path
 
     from ray_cluster import RayHead  # stops only its own processes, not other clusters on the machine
 
@@ -226,7 +226,8 @@ def _ray_throughput(args, model_path: str, workers: int) -> dict[str, Any]:
     import ray
 
     from phi2sum.config import load_config
-    from phi2sum.ray_train import runtime_env, train_on_ray
+    from phi2sum.distributed.cluster import runtime_env
+    from phi2sum.distributed.train import train_on_ray
 
     cpus = (os.cpu_count() or 2) / workers
     label = f"ray, 4-bit, {workers} worker(s) x {cpus:g} CPU"

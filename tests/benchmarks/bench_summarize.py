@@ -15,7 +15,7 @@ tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
   b-N    `phi2sum.generate.Summarizer` with batch size N (longest-first order, left padding, prompt prefilled once
          per document and its KV cache repeated for the beams), the project's generation defaults
          (no_repeat_ngram_size=3, length_penalty 1.0).
-  cK     `phi2sum.ray_summarize.summarize_on_ray` (the summarize job's code path) over a local Parquet copy of
+  cK     `phi2sum.distributed.summarize.summarize_on_ray` (the summarize job's code path) over a local Parquet copy of
          the documents with K actors of `ray.actor_cpus` CPUs and 1 torch thread each, on a fresh local Ray
          instance of nproc CPUs. `seconds` is the summarize call end to end (actor start-up and model loading
          included; `ray.init` is reported apart); the `warm` columns cover only the span from the first batch
@@ -136,14 +136,15 @@ def run_ray(overrides: list[str], records: list[dict[str, str]], actors: int, ac
     import ray
 
     from phi2sum.config import load_config
-    from phi2sum.ray_summarize import Shard, summarize_on_ray
-    from phi2sum.ray_train import runtime_env
+    from phi2sum.distributed.summarize import summarize_on_ray
+    from phi2sum.outputs import Shard
+    from phi2sum.distributed.cluster import runtime_env
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-sum-"))
     source = work / "input.parquet"
     pq.write_table(pa.Table.from_pylist(records), source)
     out = work / "preds"
-    cfg = load_config(None, [*overrides, f"data.source={source}", f"ray.actors={actors}",
+    cfg = load_config(None, [*overrides, f"data.source={source}", "data.num_eval=null", f"ray.actors={actors}",
                              f"ray.actor_cpus={actor_cpus}", "ray.use_gpu=false"])
     result: dict[str, Any] = {"actors": actors, "actor_cpus": actor_cpus, "actor_torch_threads": 1}
 

@@ -5,7 +5,7 @@
 
 What it does, for each size (smallest first): the first N records of ../shared/data/xsum (train-sample then
 validation-sample: 1,095 + 999 = 2,094 records; skipped cleanly when absent) are written to a Parquet file and
-summarized by `phi2sum.ray_summarize.summarize_on_ray` (the `jobs.summarize` code path: a streaming Ray Dataset,
+summarized by `phi2sum.distributed.summarize.summarize_on_ray` (the `jobs.summarize` code path: a streaming Ray Dataset,
 an actor pool of `SummarizeActor`s each committing one Parquet part per batch, `_SUCCESS.json` at the end) with
 the embedded tiny model (`embedded:tiny-phi`, 4-bit as in the tiny-cpu preset), greedy decoding, a few new
 tokens and a generation batch of --batch-size, on a fresh local Ray instance per size.
@@ -130,8 +130,9 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from phi2sum import storage
     from phi2sum.config import load_config
-    from phi2sum.ray_summarize import SUCCESS, Shard, summarize_on_ray
-    from phi2sum.ray_train import runtime_env
+    from phi2sum.distributed.summarize import summarize_on_ray
+    from phi2sum.outputs import SUCCESS, Shard
+    from phi2sum.distributed.cluster import runtime_env
 
     records = load_records(n)
     table = pa.Table.from_pylist(records)
@@ -139,7 +140,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pq.write_table(table, source)
     output = work / f"out-{n}"
     cfg = load_config("tiny-cpu", [
-        f"data.source={source}", "generation.num_beams=1", f"generation.max_new_tokens={args.max_new_tokens}",
+        f"data.source={source}", "data.num_eval=null", "generation.num_beams=1",
+        f"generation.max_new_tokens={args.max_new_tokens}",
         f"generation.batch_size={args.batch_size}", f"ray.actors={args.actors}", f"ray.actor_cpus={args.actor_cpus}"])
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False, runtime_env=runtime_env(),

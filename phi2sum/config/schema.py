@@ -1,0 +1,167 @@
+"""The job config's schema: one typed section per stage, with the seed notebook's recipe as the defaults.
+
+The defaults are the recipe for `microsoft/phi-2` on XSum (preset `phi2-xsum-t4`); presets and the command line
+only override what differs. Section classes are named `*Settings` so they never read as the library classes
+they feed (peft's LoraConfig, Ray's RunConfig, transformers' GenerationConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelSettings:
+    base: str = "microsoft/phi-2"  # hub id, local folder, or "embedded:tiny-phi"
+    revision: str | None = None
+    adapter: str | None = None  # PEFT adapter (local or s3://) to load for summarize/evaluate
+    allow_adapter_mismatch: bool = False  # load an adapter made for another base, or one that only partly fits
+    dtype: str = "auto"  # compute dtype: auto picks fp16 (GPU without bf16, e.g. T4), bf16, or fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager (flash attention is unavailable on T4 and CPU)
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class QuantizationSettings:
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
+    bias: str = "none"
+
+
+@dataclass
+class DataSettings:
+    # Hub dataset id, a JSONL/Parquet/CSV file or folder (local or s3://; "{split}" is replaced by the split name),
+    # or "embedded:synthetic-xsum".
+    source: str = "EdinburghNLP/xsum"
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_train: int | None = 1500  # seeded random subset; null = all
+    num_eval: int | None = 150
+    seed: int = 42
+    columns: dict[str, str] = field(
+        default_factory=lambda: {"id": "id", "document": "document", "summary": "summary"}
+    )
+    on_bad_record: str = "skip"  # skip (count and log) | error
+    max_document_chars: int = 100_000  # longer documents are cut before tokenizing (a 1 MB article is no crash)
+
+
+@dataclass
+class PromptSettings:
+    template: str = "### Article:\n{document}\n\n### Summary:\n"
+    max_length: int = 512  # tokens of prompt + summary + EOS in training; the document is what gets truncated
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 1  # per device
+    grad_accum: int = 8
+    keep_effective_batch: bool = False  # divide grad_accum by the number of Ray workers to keep the batch constant
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optim: str = "paged_adamw_8bit"
+    logging_steps: int = 10
+    save_steps: int = 50  # checkpoint interval (used for resume)
+    save_total_limit: int = 2
+    seed: int = 42
+
+
+@dataclass
+class GenerationSettings:
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    early_stopping: bool = True
+    batch_size: int | None = 8  # documents per generate() call; null lets the summarize job pick one
+    max_prompt_tokens: int | None = None  # null = prompt.max_length - max_new_tokens
+
+
+@dataclass
+class StorageSettings:
+    output: str = "runs"  # local folder or s3://bucket/prefix; each run writes <output>/<run.name>/
+    endpoint_url: str | None = None  # S3-compatible endpoint; else AWS_ENDPOINT_URL; credentials: the AWS chain
+
+
+@dataclass
+class RunSettings:
+    name: str | None = None  # default: run-<UTC time>; reusing a name resumes or skips that run
+    baseline: bool = False  # also score the base model without the adapter (zero-shot) for comparison
+
+
+@dataclass
+class RaySettings:
+    address: str | None = None  # None: the cluster of `ray job submit`, or a local one
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    checkpoints_to_keep: int = 2
+    actors: int = 1  # Ray Data summarize actor pool size
+    actor_cpus: float = 0.5  # fractional CPUs per CPU actor avoid the Ray Data deadlock on small machines
+
+
+@dataclass
+class Config:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self) -> str:
+        """A short hash of what decides this run's results (see `decisive`)."""
+        return fingerprint(decisive(self))
+
+
+def decisive(cfg: Config, summaries_only: bool = False) -> dict[str, Any]:
+    """What decides the results, the one definition both run folders and summarize outputs are keyed by.
+
+    Not where outputs go, how many Ray workers, on which device, nor the generation batch size (a rerun with a
+    smaller batch after running out of memory is the same job). `summaries_only`: what decides a summarize job's
+    summaries (the model, adapter, prompt and generation settings, not the training recipe).
+    """
+    d = cfg.to_dict()
+    d["model"].pop("device")
+    d["generation"].pop("batch_size")
+    if summaries_only:
+        return {"base": d["model"]["base"], "revision": d["model"]["revision"], "adapter": d["model"]["adapter"],
+                "quantization": d["quantization"], "prompt": d["prompt"], "generation": d["generation"]}
+    for where in ("storage", "run", "ray"):
+        d.pop(where)
+    return d
+
+
+def fingerprint(decided: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
