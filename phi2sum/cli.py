@@ -53,36 +53,40 @@ def split_job_arguments(args) -> None:
 
 
 def cmd_run(args) -> None:
+    cfg = _config(args)  # first: a bad config is one line before the heavy imports below
     from phi2sum.local import run_local
 
-    _print_run(run_local(_config(args)))
+    _print_run(run_local(cfg))
 
 
 def cmd_train(args) -> None:
+    cfg = _config(args)
     if args.ray:
         from phi2sum.distributed.train import train_on_ray
 
-        run = train_on_ray(_config(args))
+        run = train_on_ray(cfg)
         print(f"adapter: {run.adapter_uri}")
         return
     from phi2sum.local import run_local
 
-    _print_run(run_local(_config(args), stages=("train",)))
+    _print_run(run_local(cfg, stages=("train",)))
 
 
 def cmd_summarize(args) -> None:
+    cfg = _config(args)
     if not args.ray:
         from phi2sum.local import run_local
 
-        _print_run(run_local(_config(args), stages=("summarize", "evaluate")))
+        _print_run(run_local(cfg, stages=("summarize", "evaluate")))
         return
-    from phi2sum.distributed.summarize import summarize_on_ray
     from phi2sum.outputs import Shard
 
     if not args.output:
         raise ConfigError("summarizing on Ray needs output=<folder or s3:// prefix> (or --output) for the shards")
     shard = Shard.parse(args.shard)
-    done = summarize_on_ray(_config(args), args.output, shard)
+    from phi2sum.distributed.summarize import summarize_on_ray
+
+    done = summarize_on_ray(cfg, args.output, shard)
     print(f"{done['shard']}: {done['rows']} summaries in {args.output}")
     if shard.count == 1 and args.evaluate:
         from phi2sum.eval.scoring import evaluate_output

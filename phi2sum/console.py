@@ -8,6 +8,7 @@ the user can fix (a `Phi2SumError`, also when it comes back from a Ray worker) p
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -23,9 +24,9 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
+    # Read by transformers when it is imported: importing it here would cost every command, a config error
+    # included, seconds before it could say anything.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
 
 
 def run_command(prog: str, body: Callable[[], None]) -> int:

@@ -99,7 +99,8 @@ class Summarizer:
 
     def summarize(self, documents: list[str], progress: bool = False) -> list[Prediction]:
         """Summaries in input order; internally batched longest-first so rows of a batch have similar lengths."""
-        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens)
+        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens,
+                                 self.cfg.prompt.chat_template)
                    for d in documents]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
         results: list[Prediction | None] = [None] * len(prompts)

@@ -24,7 +24,7 @@ from phi2sum.eval.metrics import ROUGE_TYPES
 from phi2sum.eval.scoring import evaluate_predictions
 from phi2sum.generate import Summarizer, summarize_records
 from phi2sum.adapters import check_adapter, load_adapter, load_for_inference
-from phi2sum.model import load_tokenizer
+from phi2sum.model import load_tokenizer, resolve_lora_targets
 from phi2sum.prompt import check_template_fits
 from phi2sum.run import Run, finish_summary, open_run, train_section, write_train_log
 from phi2sum.train import train
@@ -40,8 +40,9 @@ def run_local(cfg: Config, stages: tuple[str, ...] = STAGES) -> Run:
     pin_one_gpu(cfg)  # first, before anything starts CUDA
     if "train" in stages:
         check_trainer_names(cfg)
+        resolve_lora_targets(cfg)  # `auto` -> this architecture's layers, before config.yaml is written
     # Fail fast, before any data is read or written, when the model cannot be had or the prompt cannot fit.
-    check_template_fits(load_tokenizer(cfg), cfg.prompt.template, prompt_token_budget(cfg))
+    check_template_fits(load_tokenizer(cfg), cfg.prompt.template, prompt_token_budget(cfg), cfg.prompt.chat_template)
     check_adapter(cfg)
     compute_dtype(cfg, resolve_device(cfg))  # refuses bf16 without native support, eager attention in fp16
     train_split, eval_split = _load_data(cfg, stages)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from phi2sum import demo
+from phi2sum import demo, gguf
 from phi2sum.config import Config
 from phi2sum.devices import compute_dtype, resolve_device
 from phi2sum.errors import ModelError
@@ -21,12 +21,20 @@ log = logging.getLogger(__name__)
 EMBEDDED_PREFIX = "embedded:"
 
 
+EMBEDDED_MODELS = (demo.EMBEDDED_MODEL, gguf.EMBEDDED_SMOLLM2)
+
+
 def resolve_model_path(base: str) -> str:
-    """A hub id or folder as given; `embedded:tiny-phi` is built (once, cached) on this machine."""
+    """A hub id or folder as given; an embedded model, or a `.gguf` file, as the local folder built (once, cached)
+    from it: `embedded:tiny-phi` (trained here), `embedded:smollm2-135m` (from its wheel's GGUF file)."""
     if base.startswith(EMBEDDED_PREFIX):
-        if base != demo.EMBEDDED_MODEL:
-            raise ModelError(f"unknown embedded model '{base}'; the only one is {demo.EMBEDDED_MODEL}")
-        return demo.tiny_model_path()
+        if base == demo.EMBEDDED_MODEL:
+            return demo.tiny_model_path()
+        if base in gguf.WHEELS:
+            return gguf.hf_folder(gguf.wheel_file(base))
+        raise ModelError(f"unknown embedded model '{base}'; the embedded ones are {', '.join(EMBEDDED_MODELS)}")
+    if base.lower().endswith(".gguf"):
+        return gguf.hf_folder(base)
     path = os.path.expanduser(base)
     if base.startswith((".", "/", "~")) and not os.path.isdir(path):
         raise ModelError(f"model path '{base}' does not exist; set model.base to a model folder or a hub id")
@@ -36,10 +44,13 @@ def resolve_model_path(base: str) -> str:
     return path
 
 
-def _load_error(what: str, name: str, exc: Exception) -> ModelError:
+def _load_error(what: str, name: str, exc: Exception, path: str | None = None) -> ModelError:
+    """`path`: where `name` resolved to; a local folder (an embedded or converted model too) is not the Hub's."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-    if os.path.isdir(os.path.expanduser(name)):  # a local folder: the Hub has nothing to do with it
-        return ModelError(f"could not load {what} from folder '{name}' ({reason}); check that the folder is complete")
+    folder = path or name
+    if os.path.isdir(os.path.expanduser(folder)):  # a local folder: the Hub has nothing to do with it
+        return ModelError(f"could not load {what} '{name}' from folder '{folder}' ({reason}); check that the folder "
+                          "is complete")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in reason.lower() or "connect" in reason.lower()
     hint = ("it is not cached and the Hugging Face Hub could not be reached; download it with network first or set "
             "model.base to a local folder") if offline else "check model.base (a hub id or a local folder)"
@@ -54,7 +65,7 @@ def load_tokenizer(cfg: Config, padding_side: str = "right"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision)
     except Exception as exc:
-        raise _load_error("model", cfg.model.base, exc) from None
+        raise _load_error("model", cfg.model.base, exc, path) from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer of '{cfg.model.base}' has no EOS token; summaries need one to end")
     if tokenizer.pad_token_id is None:
@@ -82,13 +93,51 @@ def load_base_model(cfg: Config, device: torch.device | None = None, training: b
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise _load_error("model", cfg.model.base, exc) from None
+        raise _load_error("model", cfg.model.base, exc, path) from None
     if not cfg.quantization.load_in_4bit:
         model.to(device)
     model.config.use_cache = not training  # the KV cache is useless (and warns) with gradient checkpointing
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+# The attention projections of each family (the seed recipe's choice for Phi, and the QLoRA paper's usual one).
+ATTENTION_TARGETS = {
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    **{family: ["q_proj", "k_proj", "v_proj", "o_proj"]
+       for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2")},
+}
+ALL_LINEAR = "all-linear"
+
+
+def lora_targets(configured: list[str], model_type: str) -> list[str]:
+    """`lora.target_modules` with `auto` resolved for the architecture (its attention projections; `all-linear`
+    for a family not listed), so the run's config.yaml says which layers were adapted."""
+    if list(configured) != ["auto"]:
+        return list(configured)
+    return ATTENTION_TARGETS.get(model_type, [ALL_LINEAR])
+
+
+def peft_targets(targets: list[str]) -> list[str] | str:
+    return ALL_LINEAR if targets == [ALL_LINEAR] else targets
+
+
+def model_type(cfg: Config) -> str:
+    """The base model's architecture, from its config.json (no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.model.base)
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision).model_type
+    except OSError as exc:
+        raise _load_error("model", cfg.model.base, exc, path) from None
+
+
+def resolve_lora_targets(cfg: Config) -> None:
+    """Replace `lora.target_modules: auto` in `cfg` by the architecture's layers, before the config is saved."""
+    if list(cfg.lora.target_modules) == ["auto"]:
+        cfg.lora.target_modules = lora_targets(["auto"], model_type(cfg))
 
 
 def attach_lora(model, cfg: Config):
@@ -105,7 +154,7 @@ def attach_lora(model, cfg: Config):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=peft_targets(lora_targets(cfg.lora.target_modules, model.config.model_type)),
         bias=cfg.lora.bias,
         task_type="CAUSAL_LM",
     )

@@ -47,7 +47,7 @@ def tokenize_records(tokenizer, cfg: Config, records: list[dict[str, str]]):
     rows, truncated, too_long = [], 0, 0
     for record in records:
         example = encode_example(tokenizer, cfg.prompt.template, record["document"], record["summary"],
-                                 cfg.prompt.max_length)
+                                 cfg.prompt.max_length, cfg.prompt.chat_template)
         if example is None:
             too_long += 1
             continue

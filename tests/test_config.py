@@ -25,6 +25,10 @@ def test_defaults_equal_the_t4_preset_apart_from_gpu_pinning():
     preset = load_config("phi2-xsum-t4")
     assert preset.ray.use_gpu is True and Config().ray.use_gpu is None  # an autoscaling T4 group may start empty
     preset.ray.use_gpu = None
+    from phi2sum.model import lora_targets
+
+    assert lora_targets(Config().lora.target_modules, "phi") == preset.lora.target_modules  # `auto`, for Phi
+    preset.lora.target_modules = ["auto"]
     assert preset.to_dict() == Config().to_dict()
 
 

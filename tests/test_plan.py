@@ -39,6 +39,43 @@ def test_parameter_count_equals_a_real_model(extra):
     assert plan.ModelShape.from_config(config).num_parameters() == _meta_model_parameters(config)
 
 
+@pytest.mark.parametrize("family, extra", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True}),
+    ("mistral", {"num_key_value_heads": 2}),
+    ("qwen2", {"num_key_value_heads": 2}),
+])
+def test_llama_family_parameter_counts_equal_real_models(family, extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                  num_attention_heads=4, **extra)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    shape = plan.ModelShape.from_config(config)
+    assert shape.num_parameters() == real and shape.gated_mlp
+
+
+def test_auto_lora_targets_follow_the_architecture():
+    from transformers import AutoConfig
+
+    llama = plan.ModelShape.from_config(AutoConfig.for_model("llama", hidden_size=64, intermediate_size=160,
+                                                             num_hidden_layers=2, num_attention_heads=4))
+    cfg = load_config(SEED, ["lora.target_modules=auto"])
+    assert set(plan.lora_targets(llama, cfg)) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert len(plan.lora_targets(llama, load_config(SEED, ["lora.target_modules=all-linear"]))) == 7
+    with pytest.raises(ConfigError, match="match none of the llama linear layers"):
+        plan.lora_targets(llama, load_config(SEED))  # Phi's `dense` is not a Llama layer
+
+
+def test_an_unknown_architecture_is_refused_with_what_is_known():
+    from transformers import AutoConfig
+
+    with pytest.raises(ConfigError, match="the planner knows the llama, mistral, phi, qwen2 architectures; this "
+                                          "model is 'gpt2'"):
+        plan.ModelShape.from_config(AutoConfig.for_model("gpt2"))
+
+
 @pytest.mark.skipif(not SHARED_PHI2.is_file(), reason="../shared/models/phi-2 is not on this machine")
 def test_phi2_parameter_count_and_bundled_numbers_match_the_real_config():
     from transformers import AutoConfig

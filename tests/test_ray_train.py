@@ -29,13 +29,14 @@ def loads_as_peft_adapter(adapter_dir: str) -> None:
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
-def test_two_workers_survive_a_crash_and_resume_from_checkpoint(ray_head, tmp_path):
+def test_two_workers_survive_a_sigkilled_worker_and_resume_from_checkpoint(ray_head, tmp_path):
     once = tmp_path / "fault-once"
     result = ray_head.submit("jobs.train", *TINY, f"storage.output={tmp_path}", "run.name=crash",
                              "ray.max_failures=1",
-                             env_vars={"PHI2SUM_FAULT": "train_step@3", "PHI2SUM_FAULT_ONCE": str(once)})
+                             env_vars={"PHI2SUM_FAULT": "train_step@3:kill", "PHI2SUM_FAULT_ONCE": str(once)})
     assert result.status == "SUCCEEDED", result.logs[-3000:]
-    assert once.exists()  # the fault fired: a worker died at step 3
+    assert once.exists() and "[FailurePolicy] RETRY" in result.logs  # a worker was SIGKILLed at step 3, retried
+    assert f"resuming from {tmp_path}/crash/checkpoint_" in result.logs and "(step 2)" in result.logs
     run = tmp_path / "crash"
     assert json.loads((run / "summary.json").read_text())["train"]["resumed_from_steps"] == [2]  # not step 0
     assert sorted(p.name for p in run.glob("checkpoint_*"))  # Ray Train checkpoints in the run folder
@@ -58,6 +59,11 @@ def test_two_workers_survive_a_crash_and_resume_from_checkpoint(ray_head, tmp_pa
     assert train["tokens_per_second"] == pytest.approx(train["tokens"] / train["seconds"], rel=0.01)
     assert log[-1]["loss"] < log[0]["loss"]  # it learns
     assert state["global_step"] in (4, 6)
+    assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # checkpoints_to_keep: no orphan
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained, not the zero init
 
 
 def test_checkpoints_and_adapter_on_s3(ray_head, s3_env, s3_server, tmp_path):

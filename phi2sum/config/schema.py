@@ -40,7 +40,9 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
+    # auto: the architecture's attention projections (Phi: q_proj, k_proj, v_proj, dense; Llama family: q_proj,
+    # k_proj, v_proj, o_proj), resolved before the run's config.yaml is written; or all-linear, or names
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
     bias: str = "none"
 
 
@@ -65,6 +67,7 @@ class DataSettings:
 class PromptSettings:
     template: str = "### Article:\n{document}\n\n### Summary:\n"
     max_length: int = 512  # tokens of prompt + summary + EOS in training; the document is what gets truncated
+    chat_template: bool = False  # wrap the template in the tokenizer's chat template (instruct models)
 
 
 @dataclass

@@ -26,7 +26,8 @@ from phi2sum.data import load_train
 from phi2sum.devices import device_name, peak_memory_mb
 from phi2sum.distributed.cluster import init_ray, use_gpu
 from phi2sum.errors import TrainingError
-from phi2sum.run import Run, finish_summary, open_run, train_section, write_train_log
+from phi2sum.model import resolve_lora_targets
+from phi2sum.run import ADAPTER, Run, finish_summary, open_run, train_section, write_train_log
 from phi2sum.train import StepLog, grad_accum_steps, train
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,13 @@ def torch_trainer(cfg: Config):
 def train_on_ray(cfg: Config) -> Run:
     """Train on the cluster, then export the final adapter and the merged step log into the run folder."""
     check_trainer_names(cfg)
+    resolve_lora_targets(cfg)  # `auto` -> this architecture's layers, before config.yaml is written
+    if finished(cfg):
+        log.info("run %s already has a trained adapter; nothing to do (use a new run.name to train again)",
+                 cfg.run.name)
+        return Run(cfg, storage.join(cfg.storage.output, cfg.run.name))  # read only: no Ray, no claim
     init_ray(cfg)  # before the run folder is claimed: an unreachable cluster leaves nothing behind
     with open_run(cfg) as run:
-        if run.trained():
-            log.info("run %s already has a trained adapter at %s; nothing to do (use a new run.name to train again)",
-                     cfg.run.name, run.adapter_uri)
-            return run
         started = time.time()
         result = torch_trainer(cfg).fit()
         seconds = time.time() - started
@@ -169,6 +171,16 @@ def train_on_ray(cfg: Config) -> Run:
             raise TrainingError(f"run {cfg.run.name} finished without a checkpoint; see the Ray job logs")
         export_final(run, result.checkpoint, seconds)
     return run
+
+
+def finished(cfg: Config) -> bool:
+    """This very run (same name and config) already trained: answered from storage, before starting Ray."""
+    if not cfg.run.name:
+        return False
+    folder = storage.join(cfg.storage.output, cfg.run.name)
+    marker = storage.join(folder, storage.RUN_MARKER)
+    return storage.is_complete(storage.join(folder, ADAPTER)) and storage.exists(marker) and \
+        storage.read_json(marker).get("run_id") == f"{cfg.run.name}:{cfg.fingerprint()}"
 
 
 @dataclass

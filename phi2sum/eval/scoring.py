@@ -37,7 +37,7 @@ def evaluate_predictions(predictions_uri: str, metrics_uri: str, references: dic
     """Score a predictions.parquet: adds per-example ROUGE columns to it, writes metrics.json."""
     try:
         table = storage.read_parquet(predictions_uri)
-    except pa.ArrowException as exc:  # the file is there but is no Parquet (the storage layer maps I/O errors)
+    except pa.ArrowException:  # the file is there but is no Parquet (the storage layer maps I/O errors)
         raise DataError(f"{predictions_uri} is not a readable Parquet file; point --predictions at a "
                         "predictions.parquet") from None
     metrics, table = score_table(table, references, seed=seed)

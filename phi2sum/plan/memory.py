@@ -25,6 +25,8 @@ import torch
 
 from phi2sum.config import Config, prompt_token_budget
 from phi2sum.errors import ConfigError
+from phi2sum.model import ALL_LINEAR
+from phi2sum.model import lora_targets as lora_target_names
 from phi2sum.plan.gpus import MIB, resolve_gpu, usable_bytes
 from phi2sum.plan.shapes import ModelShape, model_shape
 
@@ -87,11 +89,14 @@ def weight_parts(shape: ModelShape, cfg: Config, training: bool) -> dict[str, in
 def lora_targets(shape: ModelShape, cfg: Config) -> dict[str, tuple[int, int]]:
     """The (in, out) shapes of the linears LoRA wraps in each layer."""
     linears = shape.linear_shapes()
-    targets = {name: linears[name] for name in cfg.lora.target_modules if name in linears}
-    if not targets:
-        raise ConfigError(f"lora.target_modules {cfg.lora.target_modules} match none of Phi's linear layers "
-                          f"({', '.join(linears)})")
-    return targets
+    wanted = lora_target_names(cfg.lora.target_modules, shape.model_type)
+    if wanted == [ALL_LINEAR]:
+        return dict(linears)
+    unknown = [name for name in wanted if name not in linears]
+    if unknown:
+        raise ConfigError(f"lora.target_modules {cfg.lora.target_modules}: {', '.join(unknown)} match none of the "
+                          f"{shape.model_type} linear layers ({', '.join(linears)}); use auto, all-linear or those")
+    return {name: linears[name] for name in wanted}
 
 
 def lora_parameters(shape: ModelShape, cfg: Config) -> int:
@@ -131,9 +136,13 @@ def layer_activation_bytes(shape: ModelShape, cfg: Config, seq_len: int) -> int:
     lora = sum(f * (c + mask) + c * cfg.lora.r for f, _ in lora_targets(shape, cfg).values())
     qkv = c * (a * d + 2 * shape.num_kv_heads * d)
     attention = qkv + (c * a * d + 4 * a if cfg.model.attn_implementation == "sdpa" else (4 + c) * a * seq_len)
-    mlp = (4 if shape.hidden_act == "gelu_new" else 1) * s * i
+    if shape.gated_mlp:  # act(gate) * up: gate and up outputs, the activation's, their product feeds down_proj
+        mlp = 4 * s * i
+    else:
+        mlp = (4 if shape.hidden_act == "gelu_new" else 1) * s * i
     resid = 2 * h if shape.resid_pdrop > 0 else 0
-    return s * h + 8 + lora + attention + mlp + resid
+    norms = (2 if shape.gated_mlp else 1) * (s * h + 8)  # Llama: one RMSNorm before attention, one before the MLP
+    return norms + lora + attention + mlp + resid
 
 
 def train_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None,

@@ -72,14 +72,21 @@ class ModelShape:
     tie_word_embeddings: bool = False
     qk_layernorm: bool = False
     model_type: str = "phi"  # the key of its `_LAYOUTS` entry
+    attention_bias: bool = False  # Llama family: biases on q/k/v/o (qwen2: on q/k/v always)
+    mlp_bias: bool = False
+
+    @property
+    def gated_mlp(self) -> bool:
+        """A Llama-family MLP: act(gate(x)) * up(x), then down (Phi's is fc1, gelu, fc2)."""
+        return self.model_type != "phi"
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """From a transformers config (PhiConfig); other architectures are refused, the formulas are Phi's."""
+        """From a transformers config of a family `_LAYOUTS` knows (Phi, Llama, Mistral, Qwen2)."""
         model_type = getattr(config, "model_type", None)
         if model_type not in _LAYOUTS:
-            raise ConfigError(f"the planner knows Phi's architecture only; this model is "
-                              f"'{getattr(config, 'model_type', '?')}'")
+            raise ConfigError(f"the planner knows the {', '.join(sorted(_LAYOUTS))} architectures; this model is "
+                              f"'{model_type or '?'}' (pass --model-config of one of those, or plan by hand)")
         heads = config.num_attention_heads
         return cls(
             vocab_size=config.vocab_size,
@@ -90,10 +97,12 @@ class ModelShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             hidden_act=config.hidden_act,
-            resid_pdrop=config.resid_pdrop,
-            tie_word_embeddings=bool(config.tie_word_embeddings),
-            qk_layernorm=bool(config.qk_layernorm),
+            resid_pdrop=getattr(config, "resid_pdrop", 0.0) or 0.0,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qk_layernorm=bool(getattr(config, "qk_layernorm", False)),
             model_type=model_type,
+            attention_bias=bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
         )
 
     def layout(self) -> Layout:
@@ -139,8 +148,27 @@ def _phi_layout(shape: ModelShape) -> Layout:
                   final_norm_parameters=2 * h, lm_head_bias=True)
 
 
+def _llama_layout(shape: ModelShape) -> Layout:
+    """LlamaForCausalLM and its kin: no biases unless the config asks (qwen2 always has them on q/k/v), RMSNorm
+    (weight only) before attention and MLP and after the last layer, a gated MLP, lm_head without bias."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    biased = set()
+    if shape.attention_bias:
+        biased |= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    if shape.model_type == "qwen2":
+        biased |= {"q_proj", "k_proj", "v_proj"}
+    if shape.mlp_bias:
+        biased |= {"gate_proj", "up_proj", "down_proj"}
+    return Layout(linears=linears, biased=frozenset(biased), layer_norm_parameters=2 * h, final_norm_parameters=h,
+                  lm_head_bias=False)
+
+
 # model_type -> its decoder layout; the planner refuses a model whose type is not here.
-_LAYOUTS: dict[str, Callable[[ModelShape], Layout]] = {"phi": _phi_layout}
+_LAYOUTS: dict[str, Callable[[ModelShape], Layout]] = {
+    "phi": _phi_layout, "llama": _llama_layout, "mistral": _llama_layout, "qwen2": _llama_layout}
 
 
 def _shape_from_json(path: str) -> ModelShape:
