@@ -265,7 +265,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     from phi2sum import plan
     from phi2sum.config import load_config
     from phi2sum.devices import compute_dtype
-    from phi2sum.adapters import load_adapter
+    from phi2sum.adapters import load_for_inference
     from phi2sum.model import attach_lora, load_base_model
 
     config_dict = model_config_dict(args.model_config, args.layers)
@@ -290,17 +290,19 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
                       **_guarded(lambda: train_phase(model, cfg, micro, accum, args.steps, shape.vocab_size))}
             results["phases"][name] = _against_plan(result, shape, cfg, micro, device_name)
         model.save_pretrained(adapter)
-        del model
+        model = None  # freed before the trainer and generation phases load their own
         _reset_peak()
         # Any failure here is a finding (the job's trainer would fail the same way), not a reason to stop.
         result = _guarded(lambda: sft_phase(cfg, random_text_records(64), args.steps, os.path.join(tmp, "sft")),
                           catch=Exception)
-        results["phases"]["train-sft"] = _against_plan(result, shape, cfg, cfg.train.batch_size, device_name)
-        model = load_adapter(load_base_model(cfg), adapter, cfg)  # as the summarize job loads it
+        results["phases"]["train-sft"] = _against_plan(result, shape, cfg, result.get("micro_batch", 1), device_name)
         setting = generation_setting(cfg)
-        result = {**setting, **_guarded(lambda: generate_phase(model, cfg, shape.vocab_size))}
-        result["planned_allocated_bytes"] = plan.generation_memory(shape, cfg, setting["batch"]).allocated
-        results["phases"]["generate"] = result
+        for name, merged in (("generate-4bit", False), ("generate-merged", True)):  # both summarize-job paths
+            _reset_peak()
+            result = {**setting, **_guarded(lambda m=merged: generate_phase(
+                load_for_inference(cfg, adapter, merged=m)[0], cfg, shape.vocab_size))}
+            result["planned_allocated_bytes"] = plan.generation_memory(shape, cfg, setting["batch"], merged).allocated
+            results["phases"][name] = result
     return results
 
 
@@ -310,7 +312,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"gpu_check on {results['device']} ({results['layers']} layers, {results['parameters']:,} parameters)",
              f"{'phase':<12} {'setting':<34} {'tokens/s':>9} {'MFU':>6} {'peak mem':>10} {'planned':>10}"]
     for name, r in results["phases"].items():
-        if name == "generate":
+        if name.startswith("generate"):
             setting = f"{r['batch']} x {r['num_beams']} beams, {r['prompt_tokens']}+{r['new_tokens']} tok"
         elif name == "train-sft":
             precision = "fp16+GradScaler" if r.get("fp16") else "bf16" if r.get("bf16") else "fp32"

@@ -13,8 +13,11 @@ import logging
 import os
 import tempfile
 
+import torch
+
 from phi2sum import storage
 from phi2sum.config import Config
+from phi2sum.devices import compute_dtype
 from phi2sum.errors import ModelError
 from phi2sum.model import load_base_model, load_tokenizer, resolve_model_path
 
@@ -36,14 +39,56 @@ def fetch_adapter(uri: str) -> str:
     return uri
 
 
-def load_for_inference(cfg: Config, adapter: str | None = None, device=None):
-    """Tokenizer (left padding) and the model in eval mode, with the adapter attached when one is given."""
+def load_for_inference(cfg: Config, adapter: str | None = None, device=None, merged: bool | None = None):
+    """Tokenizer (left padding) and the model in eval mode, with the adapter when one is given.
+
+    A 4-bit base is generated on merged weights unless `generation.weights` (or `merged`) says otherwise: the base
+    dequantized once to the compute dtype, which are exactly the weights the adapter was trained against, and the
+    adapter merged into them. bitsandbytes would otherwise dequantize every weight before every matmul of every
+    generation step on a GPU (no tensor-core path for batches); see `dequantize_per_matmul` for CPUs.
+    """
     tokenizer = load_tokenizer(cfg, padding_side="left")
     model = load_base_model(cfg, device)
-    if adapter:
+    if merged if merged is not None else uses_merged_weights(cfg, model):
+        model = model.dequantize(dtype=compute_dtype(cfg, model.device))
+        if adapter:
+            model = load_adapter(model, adapter, cfg).merge_and_unload()
+        log.info("generating on merged weights (%s, the 4-bit base dequantized%s)", model.dtype,
+                 ", adapter merged" if adapter else "")
+    elif adapter:
         model = load_adapter(model, adapter, cfg)
     model.eval()
+    if cfg.quantization.load_in_4bit:
+        dequantize_per_matmul(model)
     return model, tokenizer
+
+
+def dequantize_per_matmul(model):
+    """Have bitsandbytes compute a 4-bit model on CPU as it does on a GPU: each weight dequantized to the compute
+    dtype before its matmul, the numbers the adapter was trained with (and the ones merged weights reproduce).
+
+    On CPUs with AVX512-BF16, bitsandbytes otherwise repacks the weights at the first inference call for a fused
+    kernel that computes in bf16: its logits differ from the training-time ones by ~0.4 on SmolLM2, and the
+    repacked layout breaks a later training forward on the same model (an in-training evaluation).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def uses_merged_weights(cfg: Config, model) -> bool:
+    """`generation.weights` for this model on its device (auto: the planner's verdict for this GPU)."""
+    if not cfg.quantization.load_in_4bit or cfg.generation.weights == "4bit":
+        return False
+    if cfg.generation.weights == "merged" or model.device.type != "cuda":
+        return True
+    from phi2sum.plan import merged_generation, model_shape
+
+    total = torch.cuda.get_device_properties(model.device).total_memory
+    return merged_generation(model_shape(cfg)[0], cfg, total)
 
 
 def check_adapter(cfg: Config) -> None:

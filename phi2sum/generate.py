@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
@@ -24,7 +24,7 @@ from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 from phi2sum.config import Config, GenerationSettings, prompt_token_budget
 from phi2sum.errors import ModelError
 from phi2sum.devices import free_memory, is_out_of_memory
-from phi2sum.adapters import load_for_inference
+from phi2sum.adapters import dequantize_per_matmul, load_for_inference
 from phi2sum.prompt import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,6 @@ class NoRepeatNGramInSummary(NoRepeatNGramLogitsProcessor):
         return super().__call__(input_ids[:, self.prompt_width:], scores)
 
 
-def _avoid_bnb_inference_repack(model) -> None:
-    """bitsandbytes on CPUs with avx512_bf16 repacks 4-bit weights for inference, which breaks later training
-    forwards on the same model (see stack notes). Generation is fast enough without that layout."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
-        return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 class Summarizer:
     """Callable on a batch of records; `model`/`tokenizer` may be passed to reuse ones already loaded."""
 
@@ -85,7 +73,7 @@ class Summarizer:
         self.batch_size = batch_size or cfg.generation.batch_size or self._planned_batch_size()
         self.max_prompt_tokens = prompt_token_budget(cfg)
         self.prefill_once = True  # off only to compare against plain generate() (tests, benchmark)
-        _avoid_bnb_inference_repack(model)
+        dequantize_per_matmul(model)  # a model passed in (the trainer's) may be 4-bit
 
     def _planned_batch_size(self) -> int:
         """`generation.batch_size: null`: the largest batch the planner fits on this replica's own GPU."""
@@ -99,19 +87,25 @@ class Summarizer:
 
     def summarize(self, documents: list[str], progress: bool = False) -> list[Prediction]:
         """Summaries in input order; internally batched longest-first so rows of a batch have similar lengths."""
-        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens,
-                                 self.cfg.prompt.chat_template)
-                   for d in documents]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
-        results: list[Prediction | None] = [None] * len(prompts)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        results: list[Prediction | None] = [None] * len(documents)
         bar = _progress(len(documents), progress)
-        for batch in batches:
-            for index, summary in zip(batch, self._generate([prompts[i] for i in batch])):
+        for batch in self.summarize_in_batches(documents):
+            for index, summary in batch:
                 results[index] = summary
             bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
+
+    def summarize_in_batches(self, documents: list[str]) -> Iterator[list[tuple[int, Prediction]]]:
+        """(index in `documents`, summary) pairs, one generation batch at a time, longest prompts first: for a
+        caller that commits work as it goes (the Ray actor bounds a part by time as well as by rows)."""
+        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt.template, d, self.max_prompt_tokens,
+                                 self.cfg.prompt.chat_template)
+                   for d in documents]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield list(zip(batch, self._generate([prompts[i] for i in batch])))
 
     def _generate(self, prompts) -> list[Prediction]:
         """One generate() call; out of GPU memory, the batch is split in two and retried, never dropped.

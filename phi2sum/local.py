@@ -107,7 +107,8 @@ def train_stage(run: Run, train_records: list[dict[str, str]]) -> None:
         seconds=result.seconds, steps=result.steps, tokens=result.tokens, trainable_params=result.trainable_params,
         effective_batch=result.effective_batch, workers=1, log_rows=result.log, total_params=result.total_params,
         trainable_percent=round(100 * result.trainable_params / max(result.total_params, 1), 4),
-        examples=result.examples)
+        examples=result.examples, micro_batch=result.micro_batch, grad_accum=result.grad_accum,
+        padding_fraction=result.padding_fraction)
 
 
 def summarize_all(run: Run, records: list[dict[str, str]], adapter: str | None) -> None:

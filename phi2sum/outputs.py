@@ -13,8 +13,11 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
+from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 
 from phi2sum import storage
@@ -81,57 +84,77 @@ def part_name(ids: list[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:20] + ".parquet"
 
 
+def id_hashes(ids: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of ids: how the Ray driver keeps a shard's ids (8 bytes each, not a Python string each), so its
+    memory does not grow with the documents beyond that (a collision among a billion ids has odds of about 3%
+    of 1%; only exactly-once bookkeeping uses them, never a record's identity in the outputs)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "big")
+                        for i in ids), dtype=np.uint64)
+
+
 def committed_identities(out_dir: str) -> list[str]:
-    """The distinct `model` identities of the parts already in the output (parts are small: no documents)."""
+    """The distinct `model` identities of the parts already in the output (that column alone is read)."""
     found: set[str] = set()
-    for uri in _part_uris(out_dir):
-        table = storage.read_parquet(uri)
-        if "model" in table.column_names:
-            found.update(table.column("model").to_pylist())
+    for uri in part_uris(out_dir):
+        found.update(storage.read_parquet(uri, ["model"]).column("model").unique().to_pylist())
     return sorted(i for i in found if i is not None)
 
 
-def committed(out_dir: str) -> dict[str, list[str]]:
-    """part name -> ids, for the parts already in the output."""
-    return {uri.rsplit("/", 1)[-1]: [str(i) for i in storage.read_parquet(uri).column("id").to_pylist()]
-            for uri in _part_uris(out_dir)}
+def committed(out_dir: str) -> dict[str, np.ndarray]:
+    """part name -> hashes of its ids, for the parts already in the output (the id column alone is read)."""
+    return {uri.rsplit("/", 1)[-1]: id_hashes(str(i) for i in storage.read_parquet(uri, ["id"]).column("id").to_pylist())
+            for uri in part_uris(out_dir)}
 
 
-def _part_uris(out_dir: str) -> list[str]:
+def part_uris(out_dir: str) -> list[str]:
     """The committed parts of an output shard (not `_SUCCESS.json`, not a half-written temporary)."""
     names = ((uri, uri.rsplit("/", 1)[-1]) for uri in storage.list_files(out_dir))
     return [uri for uri, name in names if name.startswith("part-") and name.endswith(".parquet")]
 
 
-def finalize(out_dir: str, wanted: set[str], shard: Shard, cfg: Config, seconds: float, written: int,
+def finalize(out_dir: str, wanted: np.ndarray, shard: Shard, cfg: Config, seconds: float, written: int,
              skipped: dict[str, int] | None = None) -> dict:
-    """Check every id of the shard is committed exactly once, mend a retry's duplicates, write _SUCCESS.json."""
+    """Check every id of the shard is committed exactly once, mend a retry's duplicates, write _SUCCESS.json.
+
+    `wanted`: the hashes of the shard's ids. Only hashes and one small record per part are held here."""
+    checking = time.time()
     parts = committed(out_dir)
-    seen: dict[str, str] = {}
-    for name in sorted(parts):
-        dupes = [i for i in parts[name] if i in seen]
-        if dupes:  # a batch retried with different neighbours: keep the first part's row, rewrite this part
-            table = storage.read_parquet(storage.join(out_dir, name))
-            keep = pa.array([i not in seen for i in table.column("id").to_pylist()])
-            storage.write_parquet(table.filter(keep), storage.join(out_dir, name))
-            log.warning("removed %d duplicate row(s) from %s (a retried batch)", len(dupes), name)
-        for i in parts[name]:
-            seen.setdefault(i, name)
-    missing = wanted - set(seen)
-    if missing:
-        raise Phi2SumError(f"{out_dir}: {len(missing)} id(s) of {shard.name} have no summary (e.g. "
-                           f"{sorted(missing)[0]!r}); rerun the same command to complete them")
-    extra = set(seen) - wanted
-    if extra:
-        raise Phi2SumError(f"{out_dir} holds {len(extra)} id(s) that are not in this shard of {cfg.data.source} "
+    names = sorted(parts)
+    seen = _mend_duplicates(out_dir, names, parts)
+    missing = np.setdiff1d(np.unique(wanted), seen)
+    if missing.size:
+        raise Phi2SumError(f"{out_dir}: {missing.size} id(s) of {shard.name} have no summary yet; rerun the same "
+                           "command to complete them")
+    extra = np.setdiff1d(seen, wanted)
+    if extra.size:
+        raise Phi2SumError(f"{out_dir} holds {extra.size} id(s) that are not in this shard of {cfg.data.source} "
                            "(another dataset's output?); choose another output location")
-    success = {"rows": len(seen), "parts": len(parts), "shard": shard.name, "source": cfg.data.source,
+    success = {"rows": int(seen.size), "parts": len(parts), "shard": shard.name, "source": cfg.data.source,
                "model": cfg.model.base, "adapter": cfg.model.adapter, "seconds_this_attempt": round(seconds, 2),
                "rows_this_attempt": written, "identity": model_identity(cfg),
+               "finalize_seconds": round(time.time() - checking, 2),
                "skipped_in_source": skipped or {}}  # bad records of the whole source (data.on_bad_record=skip)
     storage.write_json(storage.join(out_dir, SUCCESS), success)
-    log.info("%s complete: %d rows in %d parts", out_dir, len(seen), len(parts))
+    log.info("%s complete: %d rows in %d parts", out_dir, seen.size, len(parts))
     return success
+
+
+def _mend_duplicates(out_dir: str, names: list[str], parts: dict[str, np.ndarray]) -> np.ndarray:
+    """A batch retried with other neighbours can commit an id twice: keep its first part's row, rewrite the later
+    part without it. Returns the sorted unique hashes of every committed id."""
+    if not names:
+        return np.empty(0, dtype=np.uint64)
+    every = np.concatenate([parts[n] for n in names])
+    owner = np.concatenate([np.full(parts[n].size, k) for k, n in enumerate(names)])
+    unique, first = np.unique(every, return_index=True)
+    keep = np.zeros(every.size, dtype=bool)
+    keep[first] = True
+    for k in np.unique(owner[~keep]):
+        name = names[k]
+        table = storage.read_parquet(storage.join(out_dir, name))
+        storage.write_parquet(table.filter(pa.array(keep[owner == k])), storage.join(out_dir, name))
+        log.warning("removed %d duplicate row(s) from %s (a retried batch)", int((~keep[owner == k]).sum()), name)
+    return unique
 
 
 SHARD_NAME = re.compile(r"shard-(\d+)-of-(\d+)")
@@ -152,13 +175,21 @@ def is_sharded_output(uri: str) -> bool:
 
 
 def read_predictions(output: str) -> pa.Table:
-    """All shards' parts of an output as one table; refuses missing or incomplete shards and duplicate ids.
+    """All shards' parts of an output as one table (for a report, whose outputs are small); refuses missing or
+    incomplete shards and duplicate ids. Given one shard folder, reads that shard alone (it must be complete)."""
+    table = pa.concat_tables([storage.read_parquet(uri) for uri in complete_parts(output)],
+                             promote_options="permissive")
+    check_unique_ids((str(i) for i in table.column("id").to_pylist()), output,
+                     fix="the outputs mix two datasets or two runs: evaluate one output at a time")
+    return table
 
-    Given one shard folder, reads that shard alone (it must be complete)."""
+
+def complete_parts(output: str) -> list[str]:
+    """The part files of every shard of `output` (or of the one shard folder `output` is), refusing a sharding
+    with missing or incomplete shards."""
     output = output.rstrip("/")
-    parent, _, name = output.rpartition("/")
-    if SHARD_NAME.fullmatch(name):
-        return _checked(output, _read_complete([output], output))
+    if SHARD_NAME.fullmatch(output.rsplit("/", 1)[-1]):
+        return _parts_of_complete([output], output)
     shards = shard_folders(output)
     if not shards:
         raise Phi2SumError(f"no shard folders (shard-i-of-n) under '{output}'; point predictions= at a summarize "
@@ -167,20 +198,13 @@ def read_predictions(output: str) -> pa.Table:
     if len(counts) != 1:
         raise Phi2SumError(f"{output} mixes shard counts {sorted(counts)}; evaluate one sharding at a time")
     (n,) = counts
-    expected = [storage.join(output, Shard(i, n).name) for i in range(n)]
-    return _checked(output, _read_complete(expected, output))
+    return _parts_of_complete([storage.join(output, Shard(i, n).name) for i in range(n)], output)
 
 
-def _read_complete(shard_uris: list[str], output: str) -> pa.Table:
+def _parts_of_complete(shard_uris: list[str], output: str) -> list[str]:
     incomplete = [uri.rsplit("/", 1)[-1] for uri in shard_uris if not storage.exists(storage.join(uri, SUCCESS))]
     if incomplete:
         raise Phi2SumError(f"{output}: {len(incomplete)} of {len(shard_uris)} shard(s) missing or incomplete "
                            f"({', '.join(incomplete[:4])}{'...' if len(incomplete) > 4 else ''}); run or rerun the "
                            "summarize job for them")
-    return pa.concat_tables([storage.read_parquet(uri) for uri in shard_uris], promote_options="permissive")
-
-
-def _checked(output: str, table: pa.Table) -> pa.Table:
-    check_unique_ids((str(i) for i in table.column("id").to_pylist()), output,
-                     fix="the outputs mix two datasets or two runs: evaluate one output at a time")
-    return table
+    return [uri for shard in shard_uris for uri in part_uris(shard)]

@@ -22,6 +22,7 @@ from phi2sum.errors import DataError, TrainingError
 from phi2sum.faults import maybe_fail
 from phi2sum.devices import compute_dtype, free_memory, resolve_device
 from phi2sum.model import attach_lora, count_parameters, load_base_model, load_tokenizer
+from phi2sum.plan import largest_train_batch, split_micro_batch
 from phi2sum.prompt import encode_example
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class TrainResult:
     total_params: int
     examples: dict[str, int] = field(default_factory=dict)  # used / truncated / skipped_too_long
     effective_batch: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
+    padding_fraction: float = 0.0  # pad tokens / all tokens in the training batches
 
 
 def tokenize_records(tokenizer, cfg: Config, records: list[dict[str, str]]):
@@ -142,18 +146,58 @@ def check_finite_adapter(model, step: int, learning_rate: float) -> None:
                             f"(e.g. {bad[0]}), so nothing is saved; " + DIVERGED.format(lr=learning_rate))
 
 
+# train.batch_size=auto on CPU: 1, the measured best. A CPU's matmuls are already compute-bound at one 384-token
+# sequence, so larger micro-batches only add padding (tests/benchmarks/bench_train.py: 1x8 121 tok/s, 2x4 86, 4x2 67).
+CPU_MICRO_BATCH = 1
+
+
+def micro_batch(cfg: Config, device: torch.device, world_size: int = 1) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) per device.
+
+    With `train.batch_size: auto`, `grad_accum` is the examples per optimizer step per worker and is split into the
+    largest micro-batch that fits this device (the planner's estimate on a GPU, CPU_MICRO_BATCH on a CPU) and
+    divides it, with the accumulation that keeps the product: the optimisation is unchanged, the device busier.
+    """
+    accum = grad_accum_steps(cfg, world_size)
+    if cfg.train.batch_size != "auto":
+        return int(cfg.train.batch_size), accum
+    if device.type != "cuda":
+        return split_micro_batch(accum, CPU_MICRO_BATCH)
+    return split_micro_batch(accum, largest_train_batch(cfg, torch.cuda.get_device_properties(device).total_memory))
+
+
+class PaddingCount:
+    """Wraps the trainer's data collator to count pad tokens in the training batches (summary.json reports the
+    share, which `train.group_by_length` keeps low)."""
+
+    def __init__(self, collate):
+        self.collate, self.padding, self.total = collate, 0, 0
+
+    def __call__(self, examples):
+        lengths = [len(e["input_ids"]) for e in examples]
+        self.padding += max(lengths) * len(lengths) - sum(lengths)
+        self.total += max(lengths) * len(lengths)
+        return self.collate(examples)
+
+    @property
+    def fraction(self) -> float:
+        return round(self.padding / max(self.total, 1), 4)
+
+
 def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: int = 1, **extra):
     """TRL's SFTConfig from our config; every default that matters is set explicitly (TRL's differ)."""
     from trl import SFTConfig
 
     dtype = compute_dtype(cfg, device)
     t = cfg.train
+    micro, accum = micro_batch(cfg, device, world_size)
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
@@ -193,6 +237,7 @@ class PreparedTrainer:
     trainable_params: int
     total_params: int
     effective_batch: int
+    padding: PaddingCount | None = None  # set once the trainer exists
 
 
 def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
@@ -216,7 +261,8 @@ def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[steps.callback, *callbacks])
     restore_adapter_dtype(trainer.model, torch.bfloat16 if args.bf16 else torch.float32)
-    return PreparedTrainer(trainer, steps, counts, trainable, total, effective)
+    trainer.data_collator = padding = PaddingCount(trainer.data_collator)
+    return PreparedTrainer(trainer, steps, counts, trainable, total, effective, padding)
 
 
 def restore_adapter_dtype(model, dtype: torch.dtype) -> None:
@@ -251,6 +297,8 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
         adapter_dir=adapter_dir, log=prepared.step_log.rows, steps=int(trainer.state.global_step), seconds=seconds,
         tokens=int(trainer.state.num_input_tokens_seen), trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, examples=prepared.examples, effective_batch=prepared.effective_batch,
+        micro_batch=trainer.args.per_device_train_batch_size, grad_accum=trainer.args.gradient_accumulation_steps,
+        padding_fraction=prepared.padding.fraction if prepared.padding else 0.0,
     )
     del trainer, prepared
     free_memory()

@@ -114,9 +114,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in SLOW_MODULES or SLOW_FIXTURES & fixtures or \
                 "s3" in params.values():  # a test parametrized over local and s3:// starts moto for s3
             item.add_marker(pytest.mark.slow)
+        if "ray_head" in fixtures:
+            item.add_marker(pytest.mark.ray)
+        item.add_marker(pytest.mark.xdist_group(_lane(item, module, fixtures)))
+
+
+def _lane(item, module: str, fixtures: set[str]) -> str:
+    """Which pytest-xdist worker group runs a test (`make test` runs two workers, `--dist loadgroup`).
+
+    Every test that starts Ray runs in one group, one after another: a second cluster on the machine would
+    compete for its 2 CPUs, and `ray.init()` may attach to whichever cluster started last. The users of the
+    session's tiny run share a group so it is trained once; the other tests go by module, so a module-scoped
+    fixture is built once."""
+    if item.get_closest_marker("ray"):
+        return "ray"
+    return "tiny_run" if "tiny_run" in fixtures else module
 
 
 @pytest.fixture(autouse=True)

@@ -116,6 +116,34 @@ def test_modules_stay_small():
     assert {n: s for n, s in sizes.items() if s > MAX_MODULE_LINES} == {}
 
 
+def phi2sum_names_used_by(path: Path) -> set[tuple[str, str]]:
+    """(module, name) for every `from phi2sum... import name` in a file, top level or inside functions."""
+    return {(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("phi2sum")
+            for alias in node.names}
+
+
+def test_the_benchmarks_and_jobs_import_what_exists():
+    """Benchmarks import inside their functions and no test runs them: a renamed module must not rot them."""
+    import importlib
+
+    files = [*(REPO / "tests" / "benchmarks").glob("*.py"), *(REPO / "jobs").glob("*.py")]
+    missing = []
+    for path in files:
+        for module, name in sorted(phi2sum_names_used_by(path)):
+            try:
+                target = importlib.import_module(module)
+            except ImportError as exc:
+                missing.append(f"{path.name}: {module} ({exc})")
+                continue
+            if not hasattr(target, name):
+                try:
+                    importlib.import_module(f"{module}.{name}")
+                except ImportError:
+                    missing.append(f"{path.name}: {module}.{name}")
+    assert files and missing == []
+
+
 @pytest.mark.slow
 def test_a_non_editable_install_works_outside_the_checkout(tmp_path):
     """Presets are package data: an installed phi2sum finds them from any directory."""

@@ -47,7 +47,7 @@ def test_overrides_are_typed():
     ("train.learning_rate=-0.1", "'train.learning_rate' is -0.1; it must be > 0"),
     ("generation.num_beams=0", "'generation.num_beams' is 0"),
     ("lora.r=sixteen", "'lora.r' must be an integer"),
-    ("train.batch_size=1.5", "'train.batch_size' must be an integer"),
+    ("train.batch_size=1.5", "'train.batch_size' is '1.5'; it must be an integer >= 1, or auto"),
     ("run.baseline=maybe", "'run.baseline' must be true or false"),
     ("data.on_bad_record=ignore", "skip or error"),
     ("prompt.template=no slot", "one {document}"),

@@ -177,6 +177,7 @@ def test_a_ray_summarize_job_through_a_flaky_store_ends_with_every_id_once(ray_h
 # --- unreachable Ray, and skip-means-skip in the Ray job --------------------------------------------------
 
 
+@pytest.mark.ray
 def test_an_explicit_ray_address_that_does_not_answer_is_one_line_and_fast(tmp_path):
     address = f"127.0.0.1:{closed_port()}"
     started = time.monotonic()
@@ -188,6 +189,7 @@ def test_an_explicit_ray_address_that_does_not_answer_is_one_line_and_fast(tmp_p
     assert not (tmp_path / "preds").exists()
 
 
+@pytest.mark.ray
 def test_a_stale_cluster_record_gives_way_to_a_local_ray_and_bad_lines_are_skipped(tmp_path):
     """Ray alone would retry the dead head it recorded for minutes; the job runs on a local instance instead, and
     an undecodable line in the source is a counted bad record there as in local mode."""

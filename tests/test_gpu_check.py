@@ -69,7 +69,7 @@ def test_table_shows_measurements_next_to_the_plan():
                        "peak_allocated_bytes": 3 * gib, "planned_allocated_bytes": int(2.9 * gib)},
         "train-tuned": {"micro_batch": 4, "grad_accum": 2, "seq_len": 512, "error": "out of memory: CUDA out of memory",
                         "planned_allocated_bytes": 6 * gib},
-        "generate": {"batch": 8, "num_beams": 4, "prompt_tokens": 448, "new_tokens": 64, "tokens_per_s": 51.0,
+        "generate-merged": {"batch": 8, "num_beams": 4, "prompt_tokens": 448, "new_tokens": 64, "tokens_per_s": 51.0,
                      "peak_allocated_bytes": 8 * gib, "planned_allocated_bytes": 8 * gib},
     }}
     table = gpu_check.format_table(results)

@@ -50,3 +50,47 @@ def test_aggregate_mean_and_interval():
 def test_rouge_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         rouge(["a"], ["a", "b"])
+
+
+def _write_output(root, shards):
+    """A summarize job's output by hand: shard-i-of-n folders of parts, each shard marked complete."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for i, parts in enumerate(shards):
+        folder = root / f"shard-{i}-of-{len(shards)}"
+        folder.mkdir(parents=True)
+        for k, rows in enumerate(parts):
+            pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{k}.parquet")
+        (folder / "_SUCCESS.json").write_text(json.dumps({"rows": sum(len(p) for p in parts)}))
+
+
+ROWS = [{"id": f"d{k}", "reference": f"the cat sat on mat number {k}", "prediction": p}
+        for k, p in enumerate(["the cat sat", "a dog ran on the mat", "", "the cat sat on mat number 3",
+                               "mat number five", "nothing alike here"])]
+
+
+def test_evaluating_an_output_part_by_part_equals_scoring_it_whole(tmp_path):
+    """evaluate_output scores parts in worker processes: its metrics are those of one table of every row."""
+    import pyarrow as pa
+
+    from phi2sum.eval.scoring import evaluate_output, score_table
+
+    _write_output(tmp_path / "out", [[ROWS[:2], ROWS[2:3]], [ROWS[3:]]])
+    metrics = evaluate_output(str(tmp_path / "out"), processes=2)
+    whole, _ = score_table(pa.Table.from_pylist(ROWS))
+    for name in ROUGE_TYPES:
+        assert metrics[name] == pytest.approx(whole[name])
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_evaluating_an_output_with_an_id_twice_names_it(tmp_path):
+    from phi2sum.errors import Phi2SumError
+    from phi2sum.eval.scoring import evaluate_output
+
+    _write_output(tmp_path / "out", [[ROWS[:3]], [ROWS[2:]]])
+    with pytest.raises(Phi2SumError, match="'d2'.*evaluate one output at a time"):
+        evaluate_output(str(tmp_path / "out"), processes=2)
+    assert not (tmp_path / "out" / "metrics.json").exists()

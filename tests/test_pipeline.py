@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from phi2sum import storage
 from phi2sum.config import load_config
@@ -48,8 +49,10 @@ def test_saved_adapter_reloads_and_gives_the_same_summaries(tiny_run):
     from phi2sum.generate import Summarizer
     from phi2sum.adapters import load_for_inference
 
-    model, _ = load_for_inference(tiny_run.cfg, adapter=tiny_run.adapter_uri)
+    model, _ = load_for_inference(tiny_run.cfg, adapter=tiny_run.adapter_uri, merged=False)
     assert isinstance(model, PeftModel)
+    merged, _ = load_for_inference(tiny_run.cfg, adapter=tiny_run.adapter_uri)  # the job's default on a CPU
+    assert not isinstance(merged, PeftModel) and merged.dtype == torch.float32
     predictions = pq.read_table(tiny_run.path("predictions.parquet")).to_pylist()
     from phi2sum.data import load_split
 

@@ -287,3 +287,27 @@ def test_flops_and_mfu_arithmetic(phi2):
     assert ckpt == pytest.approx(6 * phi2.matmul_parameters(), rel=0.05)
     assert plan.mfu(1000, 65e9, 65.0) == pytest.approx(1.0)
     assert plan.mfu(500, 16e9, 65.0) == pytest.approx(500 * 16e9 / 65e12)
+
+
+def test_merged_generation_weights_and_when_auto_uses_them():
+    from transformers import AutoConfig
+
+    cfg = load_config(SEED)
+    shape = plan.ModelShape.from_config(AutoConfig.for_model(**plan.PHI2_ARCHITECTURE))
+    merged, four_bit = (plan.generation_memory(shape, cfg, 8, m) for m in (True, False))
+    [weights] = [v for k, v in merged.parts.items() if k.startswith("merged weights")]
+    assert weights == shape.num_parameters() * 2  # fp16: the dequantized base with the adapter merged in
+    assert merged.total > four_bit.total
+    assert plan.merged_generation(shape, cfg, plan.GPUS["T4"].memory_bytes)  # Phi-2 in fp16 fits a T4
+    assert not plan.merged_generation(shape, cfg, 6 * plan.GIB)  # a 6 GB card: 4-bit weights
+    assert not plan.merged_generation(shape, load_config(SEED, ["generation.weights=4bit"]), plan.GPUS["H200"].memory_bytes)
+    assert "on 4-bit weights with the adapter unmerged" in plan.main_text(cfg)
+
+
+def test_auto_micro_batch_keeps_the_examples_per_step():
+    assert plan.split_micro_batch(8, 15) == (8, 1)
+    assert plan.split_micro_batch(8, 5) == (4, 2)
+    assert plan.split_micro_batch(12, 5) == (4, 3)
+    assert plan.split_micro_batch(7, 4) == (1, 7)  # a prime: no larger divisor
+    text = plan.main_text(load_config(SEED, ["train.batch_size=auto"]))
+    assert "training: micro-batch 8 x 512 tokens, grad_accum 1" in text  # 15 fit a T4, 8 divides 8

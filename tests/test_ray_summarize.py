@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -43,6 +44,9 @@ def test_two_shards_cover_every_id_once_and_reruns_add_nothing(ray_head, parquet
     assert sorted(ids) == sorted(r["id"] for r in synthetic_records("test")[:N])  # every id, once
     shard0 = set(ids_in(f"{out}/shard-0-of-2"))
     assert shard0 and all(Shard(0, 2).owns(i) for i in shard0)  # the same id always lands in the same shard
+    for shard in ("shard-0-of-2", "shard-1-of-2"):  # parts are large: one per actor for a shard this small
+        done = json.loads((tmp_path / "preds" / shard / "_SUCCESS.json").read_text())
+        assert done["parts"] <= -(-done["rows"] // 1000) + 2  # at most 1 per ray.part_rows rows + 1 per actor
 
     before = sorted(storage.list_files(out))
     again = ray_head.submit("jobs.summarize", *FAST, f"data.source={parquet_input}", f"output={out}", "shard=0/2",
@@ -75,7 +79,7 @@ def test_killed_actor_still_yields_every_id_once_on_s3(ray_head, parquet_input, 
     env.update({"PHI2SUM_FAULT": "summarize_batch@2:kill", "PHI2SUM_FAULT_ONCE": once})
     out = f"{s3_env}/preds"
     result = ray_head.submit("jobs.summarize", *FAST, f"data.source={s3_env}/data/test.parquet", f"output={out}",
-                             env_vars=env)
+                             "ray.part_rows=5", env_vars=env)  # small parts: each actor has a 2nd batch
     assert result.status == "SUCCEEDED", result.logs[-3000:]
     assert os.path.exists(once)  # the fault fired
     os.remove(once)
@@ -90,7 +94,8 @@ def test_rerun_after_a_crash_completes_only_what_is_missing(ray_head, parquet_in
     from phi2sum.distributed.summarize import summarize_on_ray
     from phi2sum.outputs import SUCCESS, committed
 
-    cfg = load_config("tiny-cpu", [f"data.source={parquet_input}", f"ray.address={ray_head.address}", "ray.actors=1", "generation.batch_size=5",
+    cfg = load_config("tiny-cpu", [f"data.source={parquet_input}", f"ray.address={ray_head.address}", "ray.actors=1",
+                                   "generation.batch_size=5", "ray.part_rows=10",
                                    "generation.num_beams=1", "generation.max_new_tokens=8"])
     out = str(tmp_path / "preds")
     first = summarize_on_ray(cfg, out, Shard(0, 1))
@@ -103,3 +108,10 @@ def test_rerun_after_a_crash_completes_only_what_is_missing(ray_head, parquet_in
     second = summarize_on_ray(cfg, out, Shard(0, 1))
     assert second["rows"] == N and second["rows_this_attempt"] == len(parts[victim])
     assert sorted(ids_in(out)) == sorted(r["id"] for r in synthetic_records("test")[:N])
+
+    # A part is also bounded by time: past ray.part_seconds the actor commits what it has, here every generation
+    # batch (5 rows), though a call holds 10 rows.
+    quick = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, part_seconds=1e-6))
+    timed = summarize_on_ray(quick, str(tmp_path / "timed"), Shard(0, 1))
+    assert timed["rows"] == N and timed["parts"] == N // 5
+    assert sorted(ids_in(str(tmp_path / "timed"))) == sorted(r["id"] for r in synthetic_records("test")[:N])

@@ -304,7 +304,8 @@ def summarize_job_history(ray_head, s3_server, tmp_path_factory):
     creds = canary_credentials()
     env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_DEFAULT_REGION": "us-east-1", **creds}
     args = ["--config", "tiny-cpu", f"data.source=s3://{bucket}/data/test.parquet", f"output=s3://{bucket}/preds",
-            "ray.actors=1", "generation.batch_size=4", "generation.num_beams=1", "generation.max_new_tokens=8"]
+            "ray.actors=1", "generation.batch_size=4", "ray.part_rows=4", "generation.num_beams=1",
+            "generation.max_new_tokens=8"]
     once = tmp_path_factory.mktemp("once") / "fault-once"
     history = {"ids": sorted(r["id"] for r in records), "admin": admin, "bucket": bucket, "creds": creds,
                "proxy": proxy}

@@ -94,6 +94,9 @@ def test_4bit_lora_with_automatic_targets_trains_on_real_text_and_reloads(tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import torch
+
+    from phi2sum.adapters import load_for_inference
     from phi2sum.generate import Summarizer
     from phi2sum.model import resolve_lora_targets
     from phi2sum.train import train
@@ -108,10 +111,22 @@ def test_4bit_lora_with_automatic_targets_trains_on_real_text_and_reloads(tmp_pa
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_folder), str(tmp_path / "adapter"))
     assert any("o_proj.lora_A" in name for name, _ in model.named_parameters())
     documents = [r["document"] for r in real_records("validation", 4)]
-    tuned = Summarizer(cfg, adapter=str(tmp_path / "adapter")).summarize(documents)
+    tuned = Summarizer(cfg, adapter=str(tmp_path / "adapter")).summarize(documents)  # merged weights (auto)
     assert all(s.prediction for s in tuned) and not any("<|im_end|>" in s.prediction for s in tuned)
-    # The pretrained model's own EOS ends a summary (greedy, so the same documents stop every time).
-    plain = load_config("smollm2-xsum-cpu", ["generation.num_beams=1", "generation.max_new_tokens=64"])
+    # The 4-bit path (bitsandbytes dequantizing at every matmul as on a GPU, the adapter unmerged) says the same,
+    # token for token (not its fused bf16 CPU kernel: see phi2sum.adapters.dequantize_per_matmul).
+    four_bit, tokenizer = load_for_inference(cfg, str(tmp_path / "adapter"), merged=False)
+    assert [s.prediction for s in Summarizer(cfg, model=four_bit, tokenizer=tokenizer).summarize(documents)] == \
+        [s.prediction for s in tuned]
+    merged, _ = load_for_inference(cfg, str(tmp_path / "adapter"), merged=True)
+    ids = tokenizer(documents[0], return_tensors="pt")
+    with torch.no_grad():
+        difference = (four_bit(**ids).logits - merged(**ids).logits).abs().max().item()
+    assert difference < 1e-3, difference  # measured about 4e-5
+    # The pretrained model's own EOS ends a summary (greedy, so the same documents stop every time): in its chat
+    # template the instruct model closes its turn with <|im_end|>, which is cut from the prediction.
+    plain = load_config("smollm2-xsum-cpu", ["generation.num_beams=1", "generation.max_new_tokens=64",
+                                             "prompt.chat_template=true"])
     stopped = [s for s in Summarizer(plain).summarize(documents) if s.generated_tokens < 64]
     assert stopped and all(s.prediction.endswith((".", "!", "?", '"')) for s in stopped)
 

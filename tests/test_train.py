@@ -112,3 +112,21 @@ def test_training_frees_its_model_before_returning(tmp_path):
         assert [ref() is None for ref in seen] == [True, True, True]
     finally:
         gc.enable()
+
+
+def test_auto_micro_batch_on_cpu_and_length_grouping_cut_padding(tmp_path):
+    """batch_size=auto on CPU: the measured best micro-batch that divides grad_accum, the product unchanged; and
+    batches of similar lengths pad less than random ones (counted in the real trainer's collator, micro-batch 4)."""
+    from phi2sum.train import CPU_MICRO_BATCH, micro_batch
+
+    cfg = load_config("tiny-cpu", ["train.batch_size=auto", "train.grad_accum=8"])
+    assert micro_batch(cfg, torch.device("cpu")) == (CPU_MICRO_BATCH, 8 // CPU_MICRO_BATCH)
+    records = synthetic_records("train")[:32]
+    fractions = {}
+    for grouped in (True, False):
+        c = load_config("tiny-cpu", ["train.batch_size=4", "train.grad_accum=2", "train.max_steps=4",
+                                     f"train.group_by_length={str(grouped).lower()}"])
+        result = train(c, records, str(tmp_path / str(grouped)))
+        assert (result.micro_batch, result.grad_accum, result.effective_batch) == (4, 2, 8)
+        fractions[grouped] = result.padding_fraction
+    assert fractions[True] < fractions[False]

@@ -20,13 +20,16 @@ def validate(cfg: Config) -> None:
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
     _check(t.epochs > 0, "train.epochs", t.epochs, "> 0")
     _check(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", t.max_steps, "-1 (use epochs) or > 0")
-    for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
+    _check(t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size >= 1), "train.batch_size",
+           t.batch_size, "an integer >= 1, or auto")
+    for key in ("grad_accum", "logging_steps", "save_steps", "save_total_limit"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
     _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, ">= 0")
     _check(g.num_beams >= 1, "generation.num_beams", g.num_beams, ">= 1")
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", g.max_new_tokens, ">= 1")
     _check(g.batch_size is None or g.batch_size >= 1, "generation.batch_size", g.batch_size, ">= 1 or null")
+    _check(g.weights in ("auto", "merged", "4bit"), "generation.weights", g.weights, "auto, merged or 4bit")
     _check(g.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", g.no_repeat_ngram_size, ">= 0")
     _check(p.max_length >= 16, "prompt.max_length", p.max_length, ">= 16")
     _check(p.template.count("{document}") == 1, "prompt.template", p.template, "a string with one {document}")
@@ -75,6 +78,8 @@ def validate(cfg: Config) -> None:
     _check(r.max_failures >= -1, "ray.max_failures", r.max_failures, ">= 0 (or -1 for unlimited)")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", r.cpus_per_worker, "> 0")
     _check(r.actor_cpus > 0, "ray.actor_cpus", r.actor_cpus, "> 0")
+    _check(r.part_rows >= 1, "ray.part_rows", r.part_rows, ">= 1")
+    _check(r.part_seconds > 0, "ray.part_seconds", r.part_seconds, "> 0")
     _check(r.checkpoints_to_keep >= 1, "ray.checkpoints_to_keep", r.checkpoints_to_keep, ">= 1")
 
 

@@ -99,7 +99,7 @@ def _annotation(parts: list[str]) -> Any:
 def _is_text_setting(parts: list[str]) -> bool:
     kind = _annotation(parts)
     options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-    return str in options and not any(typing.get_origin(o) in (list, dict) for o in options)
+    return [o for o in options if o is not type(None)] == [str]  # text alone (`int | str` is read as YAML)
 
 
 def _is_optional(parts: list[str]) -> bool:

@@ -74,7 +74,10 @@ class PromptSettings:
 class TrainSettings:
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 1  # per device
+    # per device; auto: the largest micro-batch that fits (the planner, on a GPU; a measured best on CPU) and
+    # divides grad_accum, which is then the examples per optimizer step per worker (the seed's 1 x 8 = 8)
+    batch_size: int | str = 1
+    group_by_length: bool = True  # batches of similar lengths: little padding (summary.json: train.padding_fraction)
     grad_accum: int = 8
     keep_effective_batch: bool = False  # divide grad_accum by the number of Ray workers to keep the batch constant
     learning_rate: float = 2e-4
@@ -98,6 +101,10 @@ class GenerationSettings:
     early_stopping: bool = True
     batch_size: int | None = 8  # documents per generate() call; null lets the summarize job pick one
     max_prompt_tokens: int | None = None  # null = prompt.max_length - max_new_tokens
+    # With a 4-bit base: merged = dequantize the base once to the compute dtype and merge the adapter into it (plain
+    # matmuls; the same weights the adapter was trained against), 4bit = dequantize every weight at every step;
+    # auto = merged unless the planner says the merged model does not fit the GPU
+    weights: str = "auto"
 
 
 @dataclass
@@ -122,6 +129,12 @@ class RaySettings:
     checkpoints_to_keep: int = 2
     actors: int = 1  # Ray Data summarize actor pool size
     actor_cpus: float = 0.5  # fractional CPUs per CPU actor avoid the Ray Data deadlock on small machines
+    # rows per committed Parquet part of a summarize job (fewer when the shard is small, so every actor gets
+    # work): one atomic write each, and what a killed actor can lose; lower it for a slow model
+    part_rows: int = 1000
+    # ... or the rows one actor finished in this many seconds, whichever comes first: a slow model's parts stay
+    # small enough that a killed actor loses minutes, not an hour
+    part_seconds: float = 300.0
 
 
 @dataclass

@@ -61,7 +61,9 @@ def resolve_address(configured: str | None) -> str | None:
     from ray._private.services import find_bootstrap_address
 
     address = os.environ.get("RAY_ADDRESS") or configured
-    if address and address not in ("auto", "local"):
+    if address == "local":
+        return address  # a fresh local instance, whatever is recorded
+    if address and address != "auto":
         if not answers(address):
             where = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
             raise ClusterError(f"no Ray cluster answers at {address} (from {where}): "

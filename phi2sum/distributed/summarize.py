@@ -10,11 +10,14 @@ Sharding is by a stable hash of the id, so an id always lands in the same shard 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from phi2sum import storage
@@ -26,8 +29,8 @@ from phi2sum.distributed.cluster import init_ray, use_gpu
 from phi2sum.errors import DataError
 from phi2sum.faults import maybe_fail
 from phi2sum.generate import Summarizer
-from phi2sum.outputs import (SUCCESS, Shard, check_same_model, committed, committed_identities, finalize, model_identity,
-                             part_name)
+from phi2sum.outputs import (SUCCESS, Shard, check_same_model, committed, committed_identities, finalize, id_hashes,
+                             model_identity, part_name)
 from phi2sum.plan import CPU_GENERATION_BATCH, MAX_GENERATION_BATCH
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,13 @@ def canonical_from_file(row: dict[str, Any], data_cfg: dict) -> list[dict[str, A
     return canonical_rows(mapped_rows(parsed, range(count), mapping), cfg, require_summary=False)
 
 
-def prepare_batch(batch: dict[str, Any], shard: Shard, subset: set[str] | None, done: set[str]) -> dict[str, list]:
-    """Keep the good records of this shard (and of the seeded subset, with data.num_eval) not yet committed;
-    longest documents first."""
-    keep = [i for i, (rid, problem) in enumerate(zip(batch["id"], batch["problem"]))
-            if not problem and shard.owns(rid) and (subset is None or rid in subset) and rid not in done]
+def prepare_batch(batch: dict[str, Any], shard: Shard, subset: set[str] | None, done: np.ndarray) -> dict[str, list]:
+    """Keep the good records of this shard (and of the seeded subset, with data.num_eval) not yet committed
+    (`done`: hashes of committed ids); longest documents first."""
+    ids = list(batch["id"])
+    committed_already = np.isin(id_hashes(str(i) for i in ids), done) if done.size else np.zeros(len(ids), bool)
+    keep = [i for i, (rid, problem) in enumerate(zip(ids, batch["problem"]))
+            if not problem and shard.owns(rid) and (subset is None or rid in subset) and not committed_already[i]]
     # Longest first (stable, so reruns cut the same batches): the actors' batches are consecutive runs of these
     # rows, and rows of similar length pad little (the Summarizer can only sort within the batch it is given).
     keep.sort(key=lambda i: -len(batch["document"][i]))
@@ -69,7 +74,8 @@ def prepare_batch(batch: dict[str, Any], shard: Shard, subset: set[str] | None, 
 
 
 class SummarizeActor:
-    """One model replica; summarizes a batch and commits it as one Parquet part before returning."""
+    """One model replica; summarizes the rows of one call and commits them as Parquet parts before returning: one
+    part per call, or more when generating them takes longer than `ray.part_seconds`."""
 
     def __init__(self, cfg_dict: dict, out_dir: str, threads: int | None = None):
         import torch
@@ -83,28 +89,44 @@ class SummarizeActor:
         self.identity = model_identity(self.cfg)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        ids = [str(i) for i in batch["id"]]
-        if not ids:
+        total = len(batch["id"])
+        if not total:
             return {"part": [], "rows": []}
         self.batches += 1
         maybe_fail("summarize_batch", self.batches)  # test-only fault injection; a no-op otherwise
-        started = time.time()
-        out = self.summarizer({k: list(v) for k, v in batch.items()})
+        parts: dict[str, list] = {"part": [], "rows": []}
+        pending: list = []
+        started, finished = time.time(), 0
+        for pairs in self.summarizer.summarize_in_batches([str(d) for d in batch["document"]]):
+            pending += pairs
+            finished += len(pairs)
+            if finished == total or time.time() - started >= self.cfg.ray.part_seconds:
+                parts["part"].append(self._commit(batch, pending, time.time() - started))
+                parts["rows"].append(len(pending))
+                pending, started = [], time.time()
+        return parts
+
+    def _commit(self, batch: dict[str, Any], pairs: list, seconds: float) -> str:
+        """One atomic Parquet part of the summarized rows `pairs` ((row index, Prediction)); returns its name."""
+        rows = [index for index, _ in pairs]
+        summaries = [summary for _, summary in pairs]
+        ids = [str(batch["id"][i]) for i in rows]
+        references = batch.get("summary")
         table = pa.table({
             "id": ids,
-            "reference": [str(s) if s is not None else None for s in out["summary"]] if "summary" in out
-            else pa.nulls(len(ids), pa.string()),
-            "prediction": out["prediction"],
-            "prompt_tokens": out["prompt_tokens"],
-            "generated_tokens": out["generated_tokens"],
-            "truncated": out["truncated"],
-            "padding_tokens": out["padding_tokens"],
+            "reference": [None if references[i] is None else str(references[i]) for i in rows]
+            if references is not None else pa.nulls(len(ids), pa.string()),
+            "prediction": [s.prediction for s in summaries],
+            "prompt_tokens": [s.prompt_tokens for s in summaries],
+            "generated_tokens": [s.generated_tokens for s in summaries],
+            "truncated": [s.truncated for s in summaries],
+            "padding_tokens": [s.padding_tokens for s in summaries],
             "model": [self.identity] * len(ids),
-            "seconds": [round(time.time() - started, 3)] * len(ids),
+            "seconds": [round(seconds, 3)] * len(ids),
         })
         name = part_name(ids)
         storage.write_parquet(table, storage.join(self.out_dir, name))  # atomic: whole part or nothing
-        return {"part": [name], "rows": [len(ids)]}
+        return name
 
 
 # --- the driver ----------------------------------------------------------------------------------------------
@@ -133,14 +155,6 @@ def read_records(cfg: Config):
         canonical_from_file, fn_args=(data_cfg,), num_cpus=0.25)
 
 
-def seeded_subset(ids: list[str], cfg: Config) -> set[str] | None:
-    """With data.num_eval, the same seeded subset of good ids as local mode picks (by id hash, not position)."""
-    if cfg.data.num_eval is None:
-        return None
-    ranked = sorted(enumerate(ids), key=lambda pair: subset_rank(pair[1], cfg.data.seed, pair[0]))
-    return {rid for _, rid in ranked[: cfg.data.num_eval]}
-
-
 def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     """Summarize this shard of `data.source` into `<output>/<shard>/`; returns the `_SUCCESS.json` content."""
     import ray
@@ -161,38 +175,80 @@ def summarize_on_ray(cfg: Config, output: str, shard: Shard) -> dict[str, Any]:
     ray.data.DataContext.get_current().raise_original_map_exception = True
     started = time.time()
     records = read_records(cfg)
-    # Ids and validity only (small), streamed: the ids of bad records are not waited for, but counted.
-    checked = records.select_columns(["id", "problem"]).take_all()
-    check_unique_ids((r["id"] for r in checked), cfg.data.source)
-    skipped = dict(Counter(r["problem"] for r in checked if r["problem"]))
-    ids = [r["id"] for r in checked if not r["problem"]]
-    if not ids:
-        raise DataError(f"{cfg.data.source}: no usable records ({len(checked)} read, skipped: {skipped or 'none'}); "
-                        "check data.source and data.columns")
-    if skipped:
-        log.warning("%s: skipped %d bad record(s): %s", cfg.data.source, sum(skipped.values()), skipped)
-    subset = seeded_subset(ids, cfg)
-    wanted = {i for i in (subset if subset is not None else ids) if shard.owns(i)}
-    before = committed(out_dir)
-    done = {i for part_ids in before.values() for i in part_ids}
-    log.info("%s: %d of %d ids in this shard%s, %d already committed", shard.name, len(wanted), len(ids),
-             f" and the seeded subset of data.num_eval={cfg.data.num_eval}" if subset is not None else "",
-             len(done & wanted))
-
+    scan = scan_ids(records, cfg, shard)
+    done = np.concatenate([np.empty(0, np.uint64), *committed(out_dir).values()])
+    todo = int(np.setdiff1d(scan.wanted, done).size)
+    log.info("%s: %d of %d ids in this shard%s, %d already committed", shard.name, scan.wanted.size, scan.good,
+             f" and the seeded subset of data.num_eval={cfg.data.num_eval}" if scan.subset is not None else "",
+             scan.wanted.size - todo)
     gpu = use_gpu(cfg)
     batch_size = cfg.generation.batch_size or _rows_per_actor_call(gpu)
+    # One actor call = one committed part (or a few, past ray.part_seconds): up to ray.part_rows rows, fewer for a
+    # small shard so that every actor gets work (Ray Data hands a whole block to one actor, and with one call in
+    # flight per actor the next block waits for a free one instead of queueing behind a busy one).
+    part_rows = max(batch_size, min(cfg.ray.part_rows, -(-todo // cfg.ray.actors)))
     actor_resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.ray.actor_cpus}
-    prepared = records.map_batches(prepare_batch, fn_args=(shard, subset, done), batch_size=256, num_cpus=0.25)
-    # Ray Data gives a whole block to one actor: without this, a shard of up to 256 records is one block and
-    # every actor but one idles (tests/benchmarks/bench_summarize.py measured 2 actors at 0.94x one actor).
-    prepared = prepared.repartition(target_num_rows_per_block=batch_size)
+    prepared = records.map_batches(prepare_batch, fn_args=(shard, scan.subset, done), batch_size=256, num_cpus=0.25)
+    prepared = prepared.repartition(target_num_rows_per_block=part_rows)
     results = prepared.map_batches(
         SummarizeActor, fn_constructor_args=(cfg.to_dict(), out_dir, None if gpu else 1),
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors), **actor_resources)
+        batch_size=part_rows, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors, max_tasks_in_flight_per_actor=1),
+        **actor_resources)
     written = 0
     for batch in results.iter_batches(batch_size=None):  # streaming: parts are committed as batches finish
         written += int(sum(batch["rows"]))
-    return finalize(out_dir, wanted, shard, cfg, time.time() - started, written, skipped)
+    return finalize(out_dir, scan.wanted, shard, cfg, time.time() - started, written, scan.skipped)
+
+
+@dataclass
+class IdScan:
+    """What the driver keeps of a source's ids: counts, and 8-byte hashes (never the records themselves)."""
+
+    good: int
+    skipped: dict[str, int]
+    wanted: np.ndarray  # hashes of this shard's ids (of the seeded subset, with data.num_eval)
+    subset: set[str] | None  # with data.num_eval: the subset's ids (data.num_eval of them)
+
+
+def scan_ids(records, cfg: Config, shard: Shard) -> IdScan:
+    """One streaming pass over (id, problem): bad records counted by reason, duplicate ids refused, the seeded
+    subset chosen (the data.num_eval lowest id-hash ranks, as local mode picks them), the shard's ids hashed."""
+    skipped: Counter[str] = Counter()
+    hashes, owned = [], []
+    ranked: list[tuple[str, str]] = []  # a max-heap (negated ranks) of the lowest-ranked good ids
+    k = cfg.data.num_eval
+    for batch in records.select_columns(["id", "problem"]).iter_batches(batch_size=8192, batch_format="pyarrow"):
+        good = []
+        for rid, problem in zip(batch["id"].to_pylist(), batch["problem"].to_pylist()):
+            if problem:
+                skipped[problem] += 1
+            else:
+                good.append(rid)
+        hashes.append(id_hashes(good))
+        if k is None:
+            owned.append(hashes[-1][[shard.owns(i) for i in good]] if good else hashes[-1])
+            continue
+        for rid in good:
+            item = (_negated(subset_rank(rid, cfg.data.seed, 0)), rid)
+            heapq.heappush(ranked, item) if len(ranked) < k else heapq.heappushpop(ranked, item)
+    every = np.concatenate([np.empty(0, np.uint64), *hashes])
+    if np.unique(every).size < every.size:
+        check_unique_ids((r["id"] for r in records.select_columns(["id", "problem"]).iter_rows() if not r["problem"]),
+                         cfg.data.source)  # the rare path: find and name a duplicate
+    if not every.size:
+        raise DataError(f"{cfg.data.source}: no usable records ({sum(skipped.values())} read, skipped: "
+                        f"{dict(skipped) or 'none'}); check data.source and data.columns")
+    if skipped:
+        log.warning("%s: skipped %d bad record(s): %s", cfg.data.source, sum(skipped.values()), dict(skipped))
+    subset = {rid for _, rid in ranked} if k is not None else None
+    wanted = id_hashes(i for i in subset if shard.owns(i)) if subset is not None else \
+        np.concatenate([np.empty(0, np.uint64), *owned])
+    return IdScan(int(every.size), dict(skipped), wanted, subset)
+
+
+def _negated(rank: str) -> str:
+    """A hex rank turned around, so Python's min-heap keeps the largest of the k lowest ranks on top."""
+    return "".join("0123456789abcdef"[15 - int(c, 16)] for c in rank)
 
 
 def _rows_per_actor_call(gpu: bool) -> int:

@@ -80,7 +80,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 Path(folder, RESUMES_FILE).write_text(json.dumps(resumed_from))
                 Path(folder, WORKER_FILE.format(rank=rank)).write_text(json.dumps(
                     {"rank": rank, "train_seconds": step_log.elapsed(), "device": device_name(),
-                     "peak_memory_mb": peak_memory_mb()}))
+                     "peak_memory_mb": peak_memory_mb(), "micro_batch": args.per_device_train_batch_size,
+                     "grad_accum": args.gradient_accumulation_steps}))
 
     class WaitUntilRegistered(TrainerCallback):
         """After a checkpoint is reported, wait until Ray Train's controller has taken it from this worker.
@@ -224,9 +225,18 @@ def export_final(run: Run, checkpoint, fit_seconds: float) -> None:
     run.stats["train"] = train_section(
         seconds=seconds, steps=int(final.state["global_step"]), tokens=int(final.state.get("num_input_tokens_seen", 0)),
         trainable_params=trainable, workers=len({r["worker"] for r in final.rows}) or 1, log_rows=final.rows,
-        effective_batch=cfg.train.batch_size * grad_accum_steps(cfg, cfg.ray.num_workers) * cfg.ray.num_workers,
+        effective_batch=_effective_batch(cfg, final.workers),
         fit_seconds=round(fit_seconds, 2), resumed_from_steps=final.resumed_from, backend="ray")
     finish_summary(run, fit_seconds, workers=final.workers)
+
+
+def _effective_batch(cfg: Config, workers: list[dict[str, Any]]) -> int:
+    """Examples per optimizer step across the cluster, as the workers trained (their micro-batch may be `auto`)."""
+    per_worker = [w["micro_batch"] * w["grad_accum"] for w in workers if "micro_batch" in w]
+    if per_worker:
+        return per_worker[0] * cfg.ray.num_workers
+    return int(cfg.train.batch_size if cfg.train.batch_size != "auto" else 1) * \
+        grad_accum_steps(cfg, cfg.ray.num_workers) * cfg.ray.num_workers
 
 
 def _adapter_parameters(adapter_dir: str) -> int:

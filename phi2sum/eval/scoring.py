@@ -6,14 +6,20 @@ the predictions themselves, or are joined by id from a dataset when the predicti
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import os
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from phi2sum import storage
 from phi2sum.errors import DataError, Phi2SumError
-from phi2sum.eval.metrics import ROUGE_TYPES, rouge
-from phi2sum.outputs import is_sharded_output, read_predictions
+from phi2sum.data import check_unique_ids
+from phi2sum.eval.metrics import ROUGE_TYPES, aggregate, rouge, score_examples
+from phi2sum.outputs import complete_parts, id_hashes, is_sharded_output
 
 
 def evaluate(predictions: str, references: dict[str, str] | None = None,
@@ -79,8 +85,60 @@ def score_table(table: pa.Table, references: dict[str, str] | None = None, seed:
 
 
 def evaluate_output(output: str, references: dict[str, str] | None = None, seed: int = 0,
-                    metrics_uri: str | None = None) -> dict[str, Any]:
-    """Score every shard of a summarize job's output; writes `<output>/metrics.json`."""
-    metrics, _ = score_table(read_predictions(output), references, seed)
+                    metrics_uri: str | None = None, processes: int | None = None) -> dict[str, Any]:
+    """Score every shard of a summarize job's output; writes `<output>/metrics.json`.
+
+    Part by part, in `processes` worker processes (default: one per CPU): this process never holds the output's
+    texts, only each example's four scores and an 8-byte hash of its id (for the duplicate check; the ids
+    themselves only to report missing references), so an output of any size is scored in the time its ROUGE
+    takes."""
+    parts = complete_parts(output)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1,
+                                                mp_context=multiprocessing.get_context("fork")) as pool:
+        jobs = [pool.submit(_score_part, uri, _references_of(uri, references), references is not None)
+                for uri in parts]
+        results = [job.result() for job in jobs]
+    hashes = np.concatenate([np.empty(0, np.uint64), *(r.hashes for r in results)])
+    if np.unique(hashes).size < hashes.size:
+        ids = (str(i) for uri in parts for i in storage.read_parquet(uri, ["id"]).column("id").to_pylist())
+        check_unique_ids(ids, output,  # read again, only now: the message names one duplicate id
+                         fix="the outputs mix two datasets or two runs: evaluate one output at a time")
+    scores = [row for r in results for row in r.scores]
+    if not scores:
+        raise Phi2SumError("the predictions have no references to score against; pass the dataset with its "
+                           "summaries (data.source=...) so they can be joined by id")
+    metrics = aggregate(scores, seed)
+    metrics["unscored"] = sum(r.unscored for r in results)
+    if references is not None:
+        missing = sorted(set(references) - {i for r in results for i in r.ids})
+        metrics["missing_ids"] = {"count": len(missing), "examples": missing[:20]}
     storage.write_json(metrics_uri or storage.join(output, "metrics.json"), metrics)
     return metrics
+
+
+@dataclass
+class PartScores:
+    ids: list[str]  # only when references were given, to report the ones with no prediction
+    hashes: np.ndarray
+    scores: list[dict[str, float]]
+    unscored: int
+
+
+def _references_of(uri: str, references: dict[str, str] | None) -> dict[str, str] | None:
+    if references is None:
+        return None
+    ids = storage.read_parquet(uri, ["id"]).column("id").to_pylist()
+    return {str(i): references[str(i)] for i in ids if str(i) in references}
+
+
+def _score_part(uri: str, references: dict[str, str] | None, keep_ids: bool) -> PartScores:
+    """One part's per-example ROUGE (run in a worker process)."""
+    columns = ["id", "prediction", *(["reference"] if "reference" in storage.parquet_columns(uri) else [])]
+    table = storage.read_parquet(uri, columns)
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    given = table.column("reference").to_pylist() if "reference" in columns else [None] * len(ids)
+    refs = [g if g else (references or {}).get(i) for i, g in zip(ids, given)]
+    predictions = table.column("prediction").to_pylist()
+    scored = [k for k, r in enumerate(refs) if r]
+    scores = score_examples([predictions[k] or "" for k in scored], [refs[k] for k in scored])
+    return PartScores(ids if keep_ids else [], id_hashes(ids), scores, len(ids) - len(scored))

@@ -21,8 +21,9 @@ from phi2sum.plan.gpus import GIB, GPU, GPUS, MIB, SAFETY_MARGIN, find_gpu, reso
 from phi2sum.plan.memory import (CONTEXT, CPU_GENERATION_BATCH, CUDA_CONTEXT_BYTES, LOGITS_COPIES_BEAM,
                                  LOGITS_COPIES_TRAIN, MAX_GENERATION_BATCH, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, Estimate,
                                  compute_bytes, fitting_generation_batch, generation_batch_size, generation_memory,
-                                 largest_batch, layer_activation_bytes, lora_parameters, lora_targets,
-                                 optimizer_state_bytes, quant_constant_bytes, train_memory, weight_parts)
+                                 largest_batch, largest_train_batch, layer_activation_bytes, lora_parameters, lora_targets, merged_generation,
+                                 optimizer_state_bytes, quant_constant_bytes, split_micro_batch, train_memory,
+                                 weight_parts)
 from phi2sum.plan.shapes import PHI2_ARCHITECTURE, PHI2_HUB_ID, Layout, ModelShape, model_shape
 from phi2sum.plan.speed import mfu, train_flops_per_token
 from phi2sum.plan.text import SEARCH_LIMIT, Plan, main_text, plan
@@ -31,8 +32,8 @@ __all__ = [
     "GIB", "GPU", "GPUS", "MIB", "SAFETY_MARGIN", "find_gpu", "resolve_gpu", "usable_bytes",
     "CONTEXT", "CPU_GENERATION_BATCH", "CUDA_CONTEXT_BYTES", "LOGITS_COPIES_BEAM", "LOGITS_COPIES_TRAIN",
     "MAX_GENERATION_BATCH", "NESTED_BLOCKSIZE", "NF4_BLOCKSIZE", "Estimate", "compute_bytes",
-    "fitting_generation_batch", "generation_batch_size", "generation_memory", "largest_batch",
-    "layer_activation_bytes", "lora_parameters", "lora_targets", "optimizer_state_bytes", "quant_constant_bytes",
+    "fitting_generation_batch", "generation_batch_size", "generation_memory", "largest_batch", "largest_train_batch",
+    "layer_activation_bytes", "lora_parameters", "lora_targets", "merged_generation", "optimizer_state_bytes", "quant_constant_bytes", "split_micro_batch",
     "train_memory", "weight_parts",
     "PHI2_ARCHITECTURE", "PHI2_HUB_ID", "Layout", "ModelShape", "model_shape",
     "mfu", "train_flops_per_token",

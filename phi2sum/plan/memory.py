@@ -154,7 +154,7 @@ def train_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None,
     checkpointing each layer keeps only its fp32 input and the recomputed layer holds its tensors and their
     gradients: L·s·H + 2·layer. Plus the final LayerNorm, and the logits in fp32 (`LOGITS_COPIES_TRAIN`).
     """
-    batch = batch_size or cfg.train.batch_size
+    batch = batch_size or (1 if cfg.train.batch_size == "auto" else cfg.train.batch_size)
     ckpt = cfg.model.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     seq = cfg.prompt.max_length
     tokens = batch * seq
@@ -175,7 +175,8 @@ def train_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None,
     })
 
 
-def generation_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None) -> Estimate:
+def generation_memory(shape: ModelShape, cfg: Config, batch_size: int | None = None,
+                      merged: bool | None = None) -> Estimate:
     """One summarize worker's GPU memory during batched beam search.
 
     All batch × num_beams sequences are decoded at once. The KV cache holds 2·K·d values per layer per token in
@@ -195,14 +196,28 @@ def generation_memory(shape: ModelShape, cfg: Config, batch_size: int | None = N
     kv_per_token_layer = 2 * shape.num_kv_heads * shape.head_dim * c
     prefill = c * (4 * h + 3 * i) + (0 if cfg.model.attn_implementation == "sdpa"
                                       else (4 + c) * shape.num_heads * prompt)
+    merged = merged_generation(shape, cfg) if merged is None else merged
+    weights = {f"merged weights ({8 * c}-bit: 4-bit base dequantized, adapter merged)": shape.num_parameters() * c} \
+        if merged and cfg.quantization.load_in_4bit else \
+        {**weight_parts(shape, cfg, training=False), "LoRA adapter (fp32)": lora_parameters(shape, cfg) * 4}
     return Estimate({
-        **weight_parts(shape, cfg, training=False),
-        "LoRA adapter (fp32)": lora_parameters(shape, cfg) * 4,
+        **weights,
         "KV cache": seqs * tokens * kv_per_token_layer * (layers + 1),
         "prefill activations": batch * prompt * prefill,
         "beam-search logits (fp32)": seqs * shape.vocab_size * 4 * LOGITS_COPIES_BEAM,
         CONTEXT: CUDA_CONTEXT_BYTES,
     })
+
+
+def merged_generation(shape: ModelShape, cfg: Config, total_memory_bytes: float | None = None) -> bool:
+    """Whether the summarize job generates on merged weights (`generation.weights`): `auto` merges when the merged
+    model, at a batch of one, fits the card (`total_memory_bytes`, else a T4's memory as the reference card)."""
+    if not cfg.quantization.load_in_4bit or cfg.generation.weights == "4bit":
+        return False
+    if cfg.generation.weights == "merged":
+        return True
+    total = total_memory_bytes if total_memory_bytes is not None else resolve_gpu("T4").memory_bytes
+    return generation_memory(shape, cfg, 1, merged=True).total <= usable_bytes(total)
 
 
 def largest_batch(estimate: Callable[[int], int], budget: float, limit: int) -> int:
@@ -215,6 +230,23 @@ def largest_batch(estimate: Callable[[int], int], budget: float, limit: int) -> 
         else:
             hi = mid - 1
     return lo
+
+
+TRAIN_SEARCH_LIMIT = 1024
+
+
+def split_micro_batch(examples_per_step: int, limit: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) for `train.batch_size: auto`: the largest micro-batch within `limit` that divides
+    the examples per optimizer step, so micro-batch x accumulation stays exactly what was asked."""
+    micro = max(d for d in range(1, examples_per_step + 1) if examples_per_step % d == 0 and d <= max(limit, 1))
+    return micro, examples_per_step // micro
+
+
+def largest_train_batch(cfg: Config, total_memory_bytes: float) -> int:
+    """The largest training micro-batch that fits a card of `total_memory_bytes` (0 if not even one does)."""
+    shape, _ = model_shape(cfg)
+    return largest_batch(lambda b: train_memory(shape, cfg, b).total, usable_bytes(total_memory_bytes),
+                         TRAIN_SEARCH_LIMIT)
 
 
 def generation_batch_size(cfg: Config, gpu: str | None = None, total_memory_bytes: int | None = None,
@@ -233,10 +265,12 @@ def generation_batch_size(cfg: Config, gpu: str | None = None, total_memory_byte
         else:
             total_memory_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
     shape, _ = model_shape(cfg)
-    return fitting_generation_batch(shape, cfg, usable_bytes(total_memory_bytes))
+    merged = merged_generation(shape, cfg, total_memory_bytes)
+    return fitting_generation_batch(shape, cfg, usable_bytes(total_memory_bytes), merged)
 
 
-def fitting_generation_batch(shape: ModelShape, cfg: Config, budget: float) -> int:
+def fitting_generation_batch(shape: ModelShape, cfg: Config, budget: float, merged: bool) -> int:
     """The largest generation batch within `budget` bytes, in [1, MAX_GENERATION_BATCH]: one rule for the summarize
     job (`generation_batch_size`) and the report (`phi2sum.plan.text.plan`), so the report shows what the job runs."""
-    return max(1, largest_batch(lambda b: generation_memory(shape, cfg, b).total, budget, MAX_GENERATION_BATCH))
+    return max(1, largest_batch(lambda b: generation_memory(shape, cfg, b, merged).total, budget,
+                                MAX_GENERATION_BATCH))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from phi2sum.config import Config, prompt_token_budget
 from phi2sum.plan.gpus import GIB, GPU, MIB, SAFETY_MARGIN, resolve_gpu, usable_bytes
 from phi2sum.plan.memory import (Estimate, fitting_generation_batch, generation_memory, largest_batch, lora_parameters,
-                                 train_memory)
+                                 merged_generation, split_micro_batch, train_memory)
 from phi2sum.plan.shapes import ModelShape, model_shape
 from phi2sum.plan.speed import train_flops_per_token
 
@@ -25,9 +25,13 @@ class Plan:
     shape: ModelShape
     source: str
     budget: float
+    micro_batch: int  # what the job trains with on this card (train.batch_size, or auto's choice)
+    grad_accum: int
     train: Estimate
     train_other_checkpointing: Estimate  # the same training with gradient checkpointing switched the other way
     generation: Estimate
+    generation_other_weights: Estimate  # the same generation on the other weights (merged <-> 4-bit)
+    merged: bool  # the summarize job generates on merged weights (generation.weights)
     generation_batch: int
     max_train_batch: int
     max_generation_batch: int
@@ -54,15 +58,22 @@ def plan(cfg: Config, gpu: str = "T4", model_config: str | None = None) -> Plan:
     card = resolve_gpu(gpu)
     shape, source = model_shape(cfg, model_config)
     budget = usable_bytes(card.memory_bytes)
-    gen_batch = cfg.generation.batch_size or fitting_generation_batch(shape, cfg, budget)
+    merged = merged_generation(shape, cfg, card.memory_bytes)
+    gen_batch = cfg.generation.batch_size or fitting_generation_batch(shape, cfg, budget, merged)
+    max_train = largest_batch(lambda b: train_memory(shape, cfg, b).total, budget, SEARCH_LIMIT)
+    micro, accum = split_micro_batch(cfg.train.grad_accum, max_train) if cfg.train.batch_size == "auto" else \
+        (cfg.train.batch_size, cfg.train.grad_accum)
     return Plan(
-        gpu=card, shape=shape, source=source, budget=budget,
-        train=train_memory(shape, cfg),
+        gpu=card, shape=shape, source=source, budget=budget, micro_batch=micro, grad_accum=accum,
+        train=train_memory(shape, cfg, micro),
         train_other_checkpointing=train_memory(shape, cfg, gradient_checkpointing=not cfg.model.gradient_checkpointing),
-        generation=generation_memory(shape, cfg, gen_batch),
+        generation=generation_memory(shape, cfg, gen_batch, merged),
+        generation_other_weights=generation_memory(shape, cfg, gen_batch, not merged),
+        merged=merged,
         generation_batch=gen_batch,
-        max_train_batch=largest_batch(lambda b: train_memory(shape, cfg, b).total, budget, SEARCH_LIMIT),
-        max_generation_batch=largest_batch(lambda b: generation_memory(shape, cfg, b).total, budget, SEARCH_LIMIT),
+        max_train_batch=max_train,
+        max_generation_batch=largest_batch(lambda b: generation_memory(shape, cfg, b, merged).total, budget,
+                                           SEARCH_LIMIT),
         flops_per_token=train_flops_per_token(shape, cfg.prompt.max_length, cfg.model.gradient_checkpointing),
     )
 
@@ -114,7 +125,8 @@ def main_text(cfg: Config, gpu: str = "T4", model_config: str | None = None) -> 
         f"{lora:,} trainable ({100 * lora / total:.2f}%)",
         f"memory is per worker: each of the {workers} Ray worker(s) holds a full copy of the model",
         "",
-        f"training: micro-batch {t.batch_size} x {seq} tokens, grad_accum {t.grad_accum}, {t.optim}",
+        f"training: micro-batch {p.micro_batch} x {seq} tokens, grad_accum {p.grad_accum}, {t.optim}"
+        + (" (train.batch_size=auto)" if t.batch_size == "auto" else ""),
         *_table(p.train),
         f"  ({'without' if ckpt else 'with'} gradient checkpointing: {_size(p.train_other_checkpointing.total)})",
         f"  largest micro-batch that fits: {_largest(p.max_train_batch)}",
@@ -132,6 +144,9 @@ def main_text(cfg: Config, gpu: str = "T4", model_config: str | None = None) -> 
         f"generation: batch {p.generation_batch}{chosen} x {g.num_beams} beams x "
         f"({prompt_token_budget(cfg)} prompt + {g.max_new_tokens} new) tokens",
         *_table(p.generation),
+        *([f"  ({'on 4-bit weights with the adapter unmerged' if p.merged else 'on merged weights'}: "
+           f"{_size(p.generation_other_weights.total)}; generation.weights={cfg.generation.weights})"]
+          if cfg.quantization.load_in_4bit else []),
         f"  largest generation batch that fits: {_largest(p.max_generation_batch)}",
         "",
         f"budget: {_size(p.gpu.memory_bytes)} less a {SAFETY_MARGIN:.0%} safety margin = {_size(p.budget)}",

