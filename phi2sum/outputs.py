@@ -86,8 +86,9 @@ def part_name(ids: list[str]) -> str:
 
 def id_hashes(ids: Iterable[str]) -> np.ndarray:
     """64-bit hashes of ids: how the Ray driver keeps a shard's ids (8 bytes each, not a Python string each), so its
-    memory does not grow with the documents beyond that (a collision among a billion ids has odds of about 3%
-    of 1%; only exactly-once bookkeeping uses them, never a record's identity in the outputs)."""
+    memory does not grow with the documents beyond that. Two ids colliding would count as one id and one of them
+    would be dropped as a duplicate: the odds are about n^2 / 2^65 for n ids (3e-8 at a million, 3% at a
+    billion), so shard a dataset of billions. The outputs themselves always carry the real ids."""
     return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "big")
                         for i in ids), dtype=np.uint64)
 

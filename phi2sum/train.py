@@ -237,7 +237,7 @@ class PreparedTrainer:
     trainable_params: int
     total_params: int
     effective_batch: int
-    padding: PaddingCount | None = None  # set once the trainer exists
+    padding: PaddingCount  # wraps the trainer's collator
 
 
 def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
@@ -298,7 +298,7 @@ def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
         tokens=int(trainer.state.num_input_tokens_seen), trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, examples=prepared.examples, effective_batch=prepared.effective_batch,
         micro_batch=trainer.args.per_device_train_batch_size, grad_accum=trainer.args.gradient_accumulation_steps,
-        padding_fraction=prepared.padding.fraction if prepared.padding else 0.0,
+        padding_fraction=prepared.padding.fraction,
     )
     del trainer, prepared
     free_memory()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,22 +215,25 @@ def scan_ids(records, cfg: Config, shard: Shard) -> IdScan:
     subset chosen (the data.num_eval lowest id-hash ranks, as local mode picks them), the shard's ids hashed."""
     skipped: Counter[str] = Counter()
     hashes, owned = [], []
-    ranked: list[tuple[str, str]] = []  # a max-heap (negated ranks) of the lowest-ranked good ids
-    k = cfg.data.num_eval
-    for batch in records.select_columns(["id", "problem"]).iter_batches(batch_size=8192, batch_format="pyarrow"):
-        good = []
-        for rid, problem in zip(batch["id"].to_pylist(), batch["problem"].to_pylist()):
-            if problem:
-                skipped[problem] += 1
-            else:
-                good.append(rid)
-        hashes.append(id_hashes(good))
-        if k is None:
+
+    def good_ids():
+        for batch in records.select_columns(["id", "problem"]).iter_batches(batch_size=8192, batch_format="pyarrow"):
+            good = []
+            for rid, problem in zip(batch["id"].to_pylist(), batch["problem"].to_pylist()):
+                if problem:
+                    skipped[problem] += 1
+                else:
+                    good.append(rid)
+            hashes.append(id_hashes(good))
             owned.append(hashes[-1][[shard.owns(i) for i in good]] if good else hashes[-1])
-            continue
-        for rid in good:
-            item = (_negated(subset_rank(rid, cfg.data.seed, 0)), rid)
-            heapq.heappush(ranked, item) if len(ranked) < k else heapq.heappushpop(ranked, item)
+            yield from good
+
+    k = cfg.data.num_eval
+    if k is None:
+        deque(good_ids(), maxlen=0)  # consume: counts and hashes only
+        subset = None
+    else:  # nsmallest keeps k ids at a time, however long the source
+        subset = set(heapq.nsmallest(k, good_ids(), key=lambda rid: subset_rank(rid, cfg.data.seed, 0)))
     every = np.concatenate([np.empty(0, np.uint64), *hashes])
     if np.unique(every).size < every.size:
         check_unique_ids((r["id"] for r in records.select_columns(["id", "problem"]).iter_rows() if not r["problem"]),
@@ -240,15 +243,9 @@ def scan_ids(records, cfg: Config, shard: Shard) -> IdScan:
                         f"{dict(skipped) or 'none'}); check data.source and data.columns")
     if skipped:
         log.warning("%s: skipped %d bad record(s): %s", cfg.data.source, sum(skipped.values()), dict(skipped))
-    subset = {rid for _, rid in ranked} if k is not None else None
     wanted = id_hashes(i for i in subset if shard.owns(i)) if subset is not None else \
         np.concatenate([np.empty(0, np.uint64), *owned])
     return IdScan(int(every.size), dict(skipped), wanted, subset)
-
-
-def _negated(rank: str) -> str:
-    """A hex rank turned around, so Python's min-heap keeps the largest of the k lowest ranks on top."""
-    return "".join("0123456789abcdef"[15 - int(c, 16)] for c in rank)
 
 
 def _rows_per_actor_call(gpu: bool) -> int:

@@ -60,9 +60,7 @@ def score_table(table: pa.Table, references: dict[str, str] | None = None, seed:
                         f"{', '.join(table.column_names) or 'none'}); score a phi2sum predictions.parquet or a "
                         "summarize job's output")
     table = table.drop_columns([c for c in ROUGE_TYPES if c in table.column_names])
-    ids = [str(i) for i in table.column("id").to_pylist()]
-    given = table.column("reference").to_pylist() if "reference" in table.column_names else [None] * len(ids)
-    refs = [g if g else (references or {}).get(i) for i, g in zip(ids, given)]
+    ids, refs = joined_references(table, references)
     if not any(refs):
         raise Phi2SumError("the predictions have no references to score against; pass the dataset with its "
                            "summaries (data.source=...) so they can be joined by id")
@@ -84,6 +82,16 @@ def score_table(table: pa.Table, references: dict[str, str] | None = None, seed:
     return metrics, table
 
 
+def joined_references(table: pa.Table, references: dict[str, str] | None) -> tuple[list[str], list[str | None]]:
+    """The table's ids, and for each its reference: the table's own, else `references[id]` (None when neither)."""
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    given = table.column("reference").to_pylist() if "reference" in table.column_names else [None] * len(ids)
+    return ids, [g if g else (references or {}).get(i) for i, g in zip(ids, given)]
+
+
+_REFERENCES: dict[str, str] | None = None  # set before the worker processes fork: they inherit it, unpickled
+
+
 def evaluate_output(output: str, references: dict[str, str] | None = None, seed: int = 0,
                     metrics_uri: str | None = None, processes: int | None = None) -> dict[str, Any]:
     """Score every shard of a summarize job's output; writes `<output>/metrics.json`.
@@ -92,12 +100,15 @@ def evaluate_output(output: str, references: dict[str, str] | None = None, seed:
     texts, only each example's four scores and an 8-byte hash of its id (for the duplicate check; the ids
     themselves only to report missing references), so an output of any size is scored in the time its ROUGE
     takes."""
+    global _REFERENCES
     parts = complete_parts(output)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1,
-                                                mp_context=multiprocessing.get_context("fork")) as pool:
-        jobs = [pool.submit(_score_part, uri, _references_of(uri, references), references is not None)
-                for uri in parts]
-        results = [job.result() for job in jobs]
+    _REFERENCES = references
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1,
+                                                    mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_score_part, parts))
+    finally:
+        _REFERENCES = None
     hashes = np.concatenate([np.empty(0, np.uint64), *(r.hashes for r in results)])
     if np.unique(hashes).size < hashes.size:
         ids = (str(i) for uri in parts for i in storage.read_parquet(uri, ["id"]).column("id").to_pylist())
@@ -124,21 +135,12 @@ class PartScores:
     unscored: int
 
 
-def _references_of(uri: str, references: dict[str, str] | None) -> dict[str, str] | None:
-    if references is None:
-        return None
-    ids = storage.read_parquet(uri, ["id"]).column("id").to_pylist()
-    return {str(i): references[str(i)] for i in ids if str(i) in references}
-
-
-def _score_part(uri: str, references: dict[str, str] | None, keep_ids: bool) -> PartScores:
-    """One part's per-example ROUGE (run in a worker process)."""
+def _score_part(uri: str) -> PartScores:
+    """One part's per-example ROUGE (run in a worker process, with the references it inherited)."""
     columns = ["id", "prediction", *(["reference"] if "reference" in storage.parquet_columns(uri) else [])]
     table = storage.read_parquet(uri, columns)
-    ids = [str(i) for i in table.column("id").to_pylist()]
-    given = table.column("reference").to_pylist() if "reference" in columns else [None] * len(ids)
-    refs = [g if g else (references or {}).get(i) for i, g in zip(ids, given)]
+    ids, refs = joined_references(table, _REFERENCES)
     predictions = table.column("prediction").to_pylist()
     scored = [k for k, r in enumerate(refs) if r]
     scores = score_examples([predictions[k] or "" for k in scored], [refs[k] for k in scored])
-    return PartScores(ids if keep_ids else [], id_hashes(ids), scores, len(ids) - len(scored))
+    return PartScores(ids if _REFERENCES is not None else [], id_hashes(ids), scores, len(ids) - len(scored))

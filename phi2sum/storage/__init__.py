@@ -22,8 +22,7 @@ from phi2sum.storage.claims import RUN_MARKER, Claim, claim_run_dir, holder_aliv
 from phi2sum.storage.dirs import COMPLETE, download_dir, is_complete, upload_dir
 from phi2sum.storage.errors import as_storage_error, redact
 from phi2sum.storage.files import (delete, exists, list_files, list_relative, parquet_columns, read_bytes, read_json,
-                                   read_parquet,
-                                   read_text, write_bytes, write_json, write_parquet, write_text)
+                                   read_parquet, read_text, write_bytes, write_json, write_parquet, write_text)
 from phi2sum.storage.fs import clear_cache, filesystem
 from phi2sum.storage.s3api import SINGLE_PUT_LIMIT, s3_client
 from phi2sum.storage.uris import is_s3, join
@@ -31,7 +30,8 @@ from phi2sum.storage.uris import is_s3, join
 __all__ = [
     "COMPLETE", "Claim", "RUN_MARKER", "SINGLE_PUT_LIMIT", "fs", "holder_alive", "is_complete",
     "as_storage_error", "claim_run_dir", "clear_cache", "delete", "download_dir", "exists", "filesystem",
-    "is_s3", "join", "list_files", "parquet_columns", "list_relative", "read_bytes", "read_json", "read_parquet", "read_text",
+    "is_s3", "join", "list_files", "list_relative", "parquet_columns", "read_bytes", "read_json", "read_parquet",
+    "read_text",
     "redact", "s3_client", "upload_dir", "write_bytes", "write_json", "write_parquet", "write_text",
 ]
 
