@@ -50,10 +50,12 @@ def load_for_inference(cfg: Config, adapter: str | None = None, device=None, mer
     tokenizer = load_tokenizer(cfg, padding_side="left")
     model = load_base_model(cfg, device)
     if merged if merged is not None else uses_merged_weights(cfg, model):
-        model = model.dequantize(dtype=compute_dtype(cfg, model.device))
+        if cfg.quantization.load_in_4bit:  # a base loaded in full precision has nothing to dequantize
+            model = model.dequantize(dtype=compute_dtype(cfg, model.device))
         if adapter:
             model = load_adapter(model, adapter, cfg).merge_and_unload()
-        log.info("generating on merged weights (%s, the 4-bit base dequantized%s)", model.dtype,
+        log.info("generating on merged weights (%s%s%s)", model.dtype,
+                 ", the 4-bit base dequantized" if cfg.quantization.load_in_4bit else "",
                  ", adapter merged" if adapter else "")
     elif adapter:
         model = load_adapter(model, adapter, cfg)
@@ -69,7 +71,9 @@ def dequantize_per_matmul(model):
 
     On CPUs with AVX512-BF16, bitsandbytes otherwise repacks the weights at the first inference call for a fused
     kernel that computes in bf16: its logits differ from the training-time ones by ~0.4 on SmolLM2, and the
-    repacked layout breaks a later training forward on the same model (an in-training evaluation).
+    repacked layout breaks a later training forward on the same model: any no-grad forward in eval mode repacks,
+    so the training model is switched too (its validation loss and ROUGE forwards; a worker that never saves a
+    checkpoint, which would unpack the weights again, crashes on its next training step otherwise).
     """
     import bitsandbytes as bnb
 

@@ -16,6 +16,8 @@ from phi2sum.console import format_before_after, format_metrics, run_command, se
 from phi2sum.errors import ConfigError
 
 DEMO_CONFIG = "tiny-cpu"
+# The demo also scores the zero-shot base, and ROUGE of 16 validation summaries every 60 of its 240 steps
+DEMO_OVERRIDES = ("run.baseline=true", "train.rouge_steps=60", "train.rouge_documents=16")
 JOB_ARGUMENTS = ("output", "shard", "predictions")  # key=value arguments that are not config keys
 EXAMPLES = """examples:
   phi2sum demo                                              # tiny model, synthetic data, CPU, a few minutes
@@ -25,6 +27,8 @@ EXAMPLES = """examples:
   phi2sum summarize --ray --config tiny-cpu output=preds/p1 shard=0/2   # Ray Data (what jobs.summarize runs)
   phi2sum evaluate --predictions runs/my-run/predictions.parquet
   phi2sum report runs/my-run
+  phi2sum export runs/my-run --to models/my-run            # merged model folder, checked against the run's model
+  phi2sum compare runs/my-run/baseline runs/my-run          # fine-tuned - zero-shot, paired bootstrap
   phi2sum plan --config phi2-xsum-t4 --gpu T4
 """
 
@@ -110,6 +114,24 @@ def cmd_evaluate(args) -> None:
     print(f"metrics: {metrics_uri}")
 
 
+def cmd_compare(args) -> None:
+    from phi2sum.eval.compare import compare, default_out_dir, load_scores, render_markdown, write_comparison
+
+    result = compare(load_scores(args.a), load_scores(args.b), intersect=args.intersect, n_samples=args.samples,
+                     seed=args.seed)
+    out = write_comparison(result, args.out or default_out_dir(args.a, args.b))
+    print(render_markdown(result))
+    print(f"comparison: {out}")
+
+
+def cmd_export(args) -> None:
+    from phi2sum.export import describe, export_run
+
+    report = export_run(args.run, args.to, dtype=args.dtype, parity_docs=args.parity_docs,
+                        max_logit_diff=args.max_logit_diff, force=args.force)
+    print(describe(report, args.to))
+
+
 def cmd_report(args) -> None:
     from phi2sum.report import write_report
 
@@ -128,7 +150,7 @@ def cmd_demo(args) -> None:
     from phi2sum.local import run_local
     from phi2sum.report import write_report
 
-    run = run_local(load_config(args.config or DEMO_CONFIG, ["run.baseline=true", *args.overrides]))
+    run = run_local(load_config(args.config or DEMO_CONFIG, [*DEMO_OVERRIDES, *args.overrides]))
     _print_run(run)
     if run.has("baseline", "metrics.json"):
         before = storage.read_json(run.path("baseline", "metrics.json"))
@@ -198,6 +220,31 @@ def build_parser(prog: str = "phi2sum") -> tuple[argparse.ArgumentParser, dict[s
                                    "curve, ROUGE chart, dataset analysis, sample and all predictions, and report.md",
              configurable=False)
     rp.add_argument("run", help="the run folder, e.g. runs/my-run or s3://bucket/runs/my-run")
+    ex = add("export", cmd_export, "merge a run's adapter into its base and write a model folder (local or s3://) "
+                                   "that plain transformers loads, after checking it against the run's own model "
+                                   "on its eval documents (parity.json)", configurable=False)
+    ex.add_argument("run", help="the run folder, with config.yaml and a trained adapter/")
+    ex.add_argument("--to", required=True, help="the model folder to write, e.g. models/my-run or s3://bucket/models/x")
+    ex.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                    help="weights dtype of the folder (default float16)")
+    ex.add_argument("--parity-docs", type=int, default=8, help="eval documents the check compares (default 8)")
+    ex.add_argument("--max-logit-diff", type=float, default=None,
+                    help="largest allowed |logit difference| against adapter-on-base (default per dtype: "
+                         "float32 0.005, float16 0.5, bfloat16 4)")
+    ex.add_argument("--force", action="store_true",
+                    help="replace what --to holds even when it is not an export of this run")
+    cp = add("compare", cmd_compare, "compare the ROUGE of two sets of predictions of the same documents: B - A per "
+                                     "ROUGE type with a paired bootstrap interval and p-value; prints the table "
+                                     "and writes comparison.md, .json and .png", configurable=False)
+    cp.add_argument("a", metavar="A", help="the reference side: a run folder, a predictions.parquet or a summarize "
+                                           "job's output (local or s3://)")
+    cp.add_argument("b", metavar="B", help="the side whose gain is measured (same kinds of location as A)")
+    cp.add_argument("--intersect", action="store_true",
+                    help="compare on the ids both have (default: refuse when the id sets differ)")
+    cp.add_argument("--out", default=None, help="folder for the outputs (default: <B>/compare-vs-<name of A>, "
+                                                "beside B when B is a predictions.parquet)")
+    cp.add_argument("--samples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    cp.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     return parser, commands
 
 

@@ -34,6 +34,10 @@ class TrainingError(Phi2SumError):
     """Training stopped because it cannot go on (e.g. the loss is no longer finite)."""
 
 
+class ExportError(Phi2SumError):
+    """An exported (merged) model does not match the run's own model, so it was not published."""
+
+
 def user_error(exc: BaseException) -> Phi2SumError | None:
     """The user-fixable `Phi2SumError` behind `exc`, or None when `exc` is a bug.
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from phi2sum import storage
 from phi2sum.config import Config, check_trainer_names, prompt_token_budget
-from phi2sum.data import Split, load_split, load_train_eval
+from phi2sum.data import TrainingSplits, load_split, load_training_splits
 from phi2sum.devices import compute_dtype, pin_one_gpu, resolve_device
 from phi2sum.eval.metrics import ROUGE_TYPES
 from phi2sum.eval.scoring import evaluate_predictions
@@ -27,7 +27,9 @@ from phi2sum.adapters import check_adapter, load_adapter, load_for_inference
 from phi2sum.model import load_tokenizer, resolve_lora_targets
 from phi2sum.prompt import check_template_fits
 from phi2sum.run import Run, finish_summary, open_run, train_section, write_train_log
+from phi2sum.tracking import TrackTarget, check_trackers
 from phi2sum.train import train
+from phi2sum.validation import kept_adapter, wants_validation
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +46,40 @@ def run_local(cfg: Config, stages: tuple[str, ...] = STAGES) -> Run:
     # Fail fast, before any data is read or written, when the model cannot be had or the prompt cannot fit.
     check_template_fits(load_tokenizer(cfg), cfg.prompt.template, prompt_token_budget(cfg), cfg.prompt.chat_template)
     check_adapter(cfg)
+    check_trackers(cfg)
     compute_dtype(cfg, resolve_device(cfg))  # refuses bf16 without native support, eager attention in fp16
-    train_split, eval_split = _load_data(cfg, stages)
+    splits = _load_data(cfg, stages)
     with open_run(cfg) as run:
-        _run_stages(run, stages, train_split, eval_split)
+        _run_stages(run, stages, splits)
         finish_summary(run, time.time() - wall)
     return run
 
 
-def _run_stages(run: Run, stages: tuple[str, ...], train_split: Split | None, eval_split: Split | None) -> None:
+def _run_stages(run: Run, stages: tuple[str, ...], splits: TrainingSplits | None) -> None:
     cfg = run.cfg
     timings = run.stats.setdefault("stage_seconds", {})
     data = run.stats.setdefault("data", {})
-    if eval_split is not None:
-        data["eval"] = eval_split.stats.to_dict()
+    if splits is not None:
+        data["eval"] = splits.eval.stats.to_dict()
     if "train" in stages:
-        data["train"] = train_split.stats.to_dict()
-        timings["train"] = _timed(lambda: train_stage(run, train_split.records))
+        data["train"] = splits.train.stats.to_dict()
+        if splits.validation is not None:
+            data["validation"] = splits.validation.stats.to_dict()
+        validation = splits.validation.records if splits.validation else None
+        timings["train"] = _timed(lambda: train_stage(run, splits.train.records, validation))
     if "summarize" in stages:
         adapter = cfg.model.adapter or (run.adapter_uri if run.trained() else None)
-        timings["summarize"] = _timed(lambda: summarize_all(run, eval_split.records, adapter))
+        timings["summarize"] = _timed(lambda: summarize_all(run, splits.eval.records, adapter))
     if "evaluate" in stages:
         timings["evaluate"] = _timed(lambda: evaluate_stage(run))
 
 
-def _load_data(cfg: Config, stages: tuple[str, ...]) -> tuple[Split | None, Split | None]:
+def _load_data(cfg: Config, stages: tuple[str, ...]) -> TrainingSplits | None:
     if "train" in stages:
-        return load_train_eval(cfg.data)
+        return load_training_splits(cfg.data, with_validation=wants_validation(cfg))
     if "summarize" in stages:
-        return None, load_split(cfg.data, cfg.data.eval_split, cfg.data.num_eval)
-    return None, None
+        return TrainingSplits(None, None, load_split(cfg.data, cfg.data.eval_split, cfg.data.num_eval))
+    return None
 
 
 def _timed(stage) -> float:
@@ -90,7 +96,8 @@ def checkpoint_dir(run: Run) -> str:
     return os.path.join(base, "work", f"{run.cfg.run.name}-{run.cfg.fingerprint()}", "checkpoints")
 
 
-def train_stage(run: Run, train_records: list[dict[str, str]]) -> None:
+def train_stage(run: Run, train_records: list[dict[str, str]],
+                validation: list[dict[str, str]] | None = None) -> None:
     if run.trained():
         log.info("training already done for run %s (adapter/ exists); skipping", run.cfg.run.name)
         return
@@ -100,7 +107,8 @@ def train_stage(run: Run, train_records: list[dict[str, str]]) -> None:
         log.info("resuming training from the last checkpoint in %s", ckpt)
     with tempfile.TemporaryDirectory(prefix="phi2sum-adapter-") as local_adapter:
         result = train(run.cfg, train_records, ckpt, resume_from_checkpoint=True if resume else None,
-                       adapter_dir=local_adapter)
+                       adapter_dir=local_adapter, validation=validation,
+                       track_to=TrackTarget(run.uri, run.run_id, os.path.dirname(ckpt)))
         write_train_log(run, result.log)
         run.save_adapter(local_adapter)  # last: its completion marker is what marks training as done
     run.stats["train"] = train_section(
@@ -108,7 +116,8 @@ def train_stage(run: Run, train_records: list[dict[str, str]]) -> None:
         effective_batch=result.effective_batch, workers=1, log_rows=result.log, total_params=result.total_params,
         trainable_percent=round(100 * result.trainable_params / max(result.total_params, 1), 4),
         examples=result.examples, micro_batch=result.micro_batch, grad_accum=result.grad_accum,
-        padding_fraction=result.padding_fraction)
+        padding_fraction=result.padding_fraction, kept_adapter=kept_adapter(run.cfg, result.log),
+        stopped_early_at=result.stopped_early_at)
 
 
 def summarize_all(run: Run, records: list[dict[str, str]], adapter: str | None) -> None:

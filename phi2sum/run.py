@@ -21,6 +21,7 @@ import pyarrow as pa
 from phi2sum import storage
 from phi2sum.config import Config
 from phi2sum.devices import device_name, peak_memory_mb
+from phi2sum.validation import validation_summary
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,15 @@ PACKAGES = ("phi2sum", "torch", "transformers", "peft", "trl", "bitsandbytes", "
             "rouge-score", "ray", "pyarrow", "boto3")
 ADAPTER = "adapter"
 TRAIN_LOG = "train_log.parquet"
+# One row per logged step. `kind`: train (loss, learning_rate, grad_norm), eval (eval_loss: the validation loss)
+# or rouge (rouge1/2/L/Lsum fractions of rouge_documents validation summaries, generated in rouge_seconds); eval
+# and rouge rows come from worker 0 only, and leave the columns of other kinds null.
 TRAIN_LOG_SCHEMA = pa.schema([
-    ("worker", pa.int32()), ("step", pa.int64()), ("epoch", pa.float64()), ("loss", pa.float64()),
-    ("learning_rate", pa.float64()), ("grad_norm", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64())])
+    ("worker", pa.int32()), ("kind", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
+    ("loss", pa.float64()), ("learning_rate", pa.float64()), ("grad_norm", pa.float64()), ("tokens", pa.int64()),
+    ("seconds", pa.float64()), ("eval_loss", pa.float64()), ("rouge1", pa.float64()), ("rouge2", pa.float64()),
+    ("rougeL", pa.float64()), ("rougeLsum", pa.float64()), ("rouge_seconds", pa.float64()),
+    ("rouge_documents", pa.int64())])
 
 
 @dataclass
@@ -56,6 +63,11 @@ class Run:
 
     def path(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
+
+    @property
+    def run_id(self) -> str:
+        """`<run.name>:<config fingerprint>`: what the folder's claim and the experiment trackers know it by."""
+        return f"{self.cfg.run.name}:{self.cfg.fingerprint()}"
 
     @property
     def adapter_uri(self) -> str:
@@ -87,7 +99,7 @@ def open_run(cfg: Config) -> Run:
     if not cfg.run.name:
         cfg.run.name = default_run_name()
     run = Run(cfg, storage.join(cfg.storage.output, cfg.run.name))
-    run.claim = storage.claim_run_dir(run.uri, f"{cfg.run.name}:{cfg.fingerprint()}")
+    run.claim = storage.claim_run_dir(run.uri, run.run_id)
     storage.write_text(run.path("config.yaml"), cfg.to_yaml())
     if run.has("summary.json"):
         run.stats = storage.read_json(run.path("summary.json"))
@@ -106,13 +118,15 @@ def train_section(*, seconds: float, steps: int, tokens: int, trainable_params: 
 
     `seconds` is time inside training, start-up and model loading excluded, so tokens/s compare across modes.
     """
-    first_worker = [r for r in log_rows if r["worker"] == min((r["worker"] for r in log_rows), default=0)]
+    train_rows = [r for r in log_rows if r.get("kind", "train") == "train"]
+    first_worker = [r for r in train_rows if r["worker"] == min((r["worker"] for r in train_rows), default=0)]
     return {
         "seconds": round(seconds, 2), "steps": steps, "tokens": tokens,
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "trainable_params": trainable_params,
         "effective_batch": effective_batch, "workers": workers,
         "first_loss": first_worker[0]["loss"] if first_worker else None,
         "final_loss": first_worker[-1]["loss"] if first_worker else None,
+        **validation_summary(log_rows),
         **extra,
     }
 

@@ -8,15 +8,18 @@ resume from.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from phi2sum.adapters import dequantize_per_matmul
 from phi2sum.config import Config
 from phi2sum.errors import DataError, TrainingError
 from phi2sum.faults import maybe_fail
@@ -24,6 +27,8 @@ from phi2sum.devices import compute_dtype, free_memory, resolve_device
 from phi2sum.model import attach_lora, count_parameters, load_base_model, load_tokenizer
 from phi2sum.plan import largest_train_batch, split_micro_batch
 from phi2sum.prompt import encode_example
+from phi2sum.tracking import Trackers, TrackTarget
+from phi2sum.validation import RougeAtSteps, ValidationWatch, restore_best_adapter
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class TrainResult:
     micro_batch: int = 0
     grad_accum: int = 0
     padding_fraction: float = 0.0  # pad tokens / all tokens in the training batches
+    stopped_early_at: int | None = None  # the step early stopping ended training at
 
 
 def tokenize_records(tokenizer, cfg: Config, records: list[dict[str, str]]):
@@ -80,8 +86,16 @@ DIVERGED = ("lower train.learning_rate (now {lr:g}) or train.max_grad_norm; in f
             "to rule out overflow")
 
 
+STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"  # each worker's rows, inside every checkpoint
+
+
 class StepLog:
-    """A TrainerCallback keeping step, loss, learning rate, tokens and seconds, and stopping a run that diverged.
+    """A TrainerCallback keeping one row per logged step, stopping a run that diverged.
+
+    Rows are of three kinds: `train` (loss, learning rate, grad norm, tokens, seconds), `eval` (the validation
+    loss, rank 0 only: every worker sees the same gathered value) and `rouge` (added by
+    `phi2sum.validation.RougeAtSteps`). Each checkpoint carries the rows so far, so a resumed run keeps its
+    history; `listeners` (the experiment trackers) get every row as it is added.
 
     Divergence is read from the raw logged loss and grad norm (the Trainer's `logging_nan_inf_filter`, which would
     hide a NaN loss behind the average of earlier ones, is off: see `sft_config`), and a checkpoint is never saved
@@ -94,6 +108,7 @@ class StepLog:
 
         self.rows: list[dict[str, Any]] = []
         self.worker = worker
+        self.listeners: list[Any] = []  # objects with log_row(row)
         self.start = time.time()
         self.offset = 0.0  # seconds already spent before a resume
         outer = self
@@ -111,13 +126,31 @@ class StepLog:
                 if control.should_save:  # before the Trainer writes the checkpoint a resume would start from
                     check_finite_adapter(model, state.global_step, args.learning_rate)
 
+            def on_save(self, args, state, control, **kwargs):
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                if os.path.isdir(folder):
+                    outer.save_to(folder)
+
         self.callback = _Callback()
 
     def elapsed(self) -> float:
         """Seconds spent training so far, across resumed attempts (start-up and model loading excluded)."""
         return round(self.offset + time.time() - self.start, 3)
 
+    def add(self, state, kind: str, **values: Any) -> dict[str, Any]:
+        """A row of `kind` at the current step, handed to every listener."""
+        row = {"worker": self.worker, "kind": kind, "step": int(state.global_step), "epoch": float(state.epoch or 0.0),
+               "tokens": int(state.num_input_tokens_seen), "seconds": self.elapsed(), **values}
+        self.rows.append(row)
+        for listener in self.listeners:
+            listener.log_row(row)
+        return row
+
     def record(self, state, logs: dict[str, Any], fp16: bool = False, learning_rate: float = 0.0) -> None:
+        if "eval_loss" in logs:
+            if self.worker == 0:
+                self.add(state, "eval", eval_loss=float(logs["eval_loss"]))
+            return
         if "loss" not in logs:
             return
         loss = float(logs["loss"])
@@ -126,16 +159,28 @@ class StepLog:
             what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
             raise TrainingError(f"training diverged: the {what} at step {state.global_step}; "
                                 + DIVERGED.format(lr=learning_rate))
-        self.rows.append({
-            "worker": self.worker,
-            "step": int(state.global_step),
-            "epoch": float(state.epoch or 0.0),
-            "loss": loss,
-            "learning_rate": float(logs.get("learning_rate", 0.0)),
-            "grad_norm": grad_norm,
-            "tokens": int(state.num_input_tokens_seen),
-            "seconds": self.elapsed(),
-        })
+        self.add(state, "train", loss=loss, learning_rate=float(logs.get("learning_rate", 0.0)), grad_norm=grad_norm)
+
+    def save_to(self, checkpoint: str) -> None:
+        with open(os.path.join(checkpoint, STEP_LOG_FILE.format(rank=self.worker)), "w", encoding="utf-8") as f:
+            json.dump(self.rows, f)
+
+    def restore_from(self, checkpoint: str) -> None:
+        """The rows as of `checkpoint` (those of the lost steps after it are dropped; a resume redoes them)."""
+        path = os.path.join(checkpoint, STEP_LOG_FILE.format(rank=self.worker))
+        step = checkpoint_step(checkpoint)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.rows = [{"kind": "train", **r} for r in json.load(f) if step is None or r["step"] <= step]
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The optimizer step a Hugging Face checkpoint folder was saved at (trainer_state.json)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])
 
 
 def check_finite_adapter(model, step: int, learning_rate: float) -> None:
@@ -184,8 +229,12 @@ class PaddingCount:
         return round(self.padding / max(self.total, 1), 4)
 
 
-def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: int = 1, **extra):
-    """TRL's SFTConfig from our config; every default that matters is set explicitly (TRL's differ)."""
+def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: int = 1, evaluate: bool = False,
+               **extra):
+    """TRL's SFTConfig from our config; every default that matters is set explicitly (TRL's differ).
+
+    `evaluate`: the validation loss every `train.eval_steps` steps and at the end (the Trainer's own evaluation,
+    on the summary tokens like the training loss, gathered over workers)."""
     from trl import SFTConfig
 
     dtype = compute_dtype(cfg, device)
@@ -225,6 +274,10 @@ def sft_config(cfg: Config, output_dir: str, device: torch.device, world_size: i
         report_to="none",
         dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=extra.pop("disable_tqdm", False),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        per_device_eval_batch_size=micro,
+        prediction_loss_only=True,
         **extra,
     )
 
@@ -238,31 +291,44 @@ class PreparedTrainer:
     total_params: int
     effective_batch: int
     padding: PaddingCount  # wraps the trainer's collator
+    watch: ValidationWatch  # best validation loss, early stopping
 
 
 def build_trainer(cfg: Config, records: list[dict[str, str]], output_dir: str, *, device: torch.device | None = None,
                   callbacks: tuple = (), world_size: int = 1, worker: int = 0, step_log: StepLog | None = None,
-                  **sft_overrides) -> PreparedTrainer:
-    """Tokenizer, QLoRA model, examples and an SFTTrainer ready to train (tests inspect it without training)."""
+                  validation: list[dict[str, str]] | None = None, **sft_overrides) -> PreparedTrainer:
+    """Tokenizer, QLoRA model, examples and an SFTTrainer ready to train (tests inspect it without training).
+
+    `validation` records feed the validation loss (`train.eval_steps`) and ROUGE at checkpoints
+    (`train.rouge_steps`); without them neither runs."""
     from trl import SFTTrainer
 
     device = device or resolve_device(cfg)
     tokenizer = load_tokenizer(cfg, padding_side="right")
     dataset, counts = tokenize_records(tokenizer, cfg, records)
+    evaluate = bool(validation) and cfg.train.eval_steps > 0
+    eval_dataset = tokenize_records(tokenizer, cfg, validation)[0] if evaluate else None
     model = attach_lora(load_base_model(cfg, device, training=True), cfg)
+    if cfg.quantization.load_in_4bit:  # the validation forwards must not repack the weights training uses
+        dequantize_per_matmul(model)
     trainable, total = count_parameters(model)
-    args = sft_config(cfg, output_dir, device, world_size, **sft_overrides)
+    args = sft_config(cfg, output_dir, device, world_size, evaluate=evaluate, **sft_overrides)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     log.info("training %d examples on %s: %s trainable of %s parameters (%.2f%%), effective batch %d "
-             "(%d per device x %d accumulation x %d worker(s))", len(dataset), device, f"{trainable:,}",
+             "(%d per device x %d accumulation x %d worker(s))%s", len(dataset), device, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1), effective, args.per_device_train_batch_size,
-             args.gradient_accumulation_steps, world_size)
+             args.gradient_accumulation_steps, world_size,
+             f"; validation loss on {len(eval_dataset)} examples every {cfg.train.eval_steps} steps" if evaluate else "")
     steps = step_log or StepLog(worker)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[steps.callback, *callbacks])
+    watch = ValidationWatch(cfg, output_dir, steps.rows)
+    extra = [watch] if evaluate else []
+    if validation and cfg.train.rouge_steps > 0:
+        extra.append(RougeAtSteps(cfg, validation, steps.add, rank=worker, world=world_size))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, callbacks=[steps.callback, *extra, *callbacks])
     restore_adapter_dtype(trainer.model, torch.bfloat16 if args.bf16 else torch.float32)
     trainer.data_collator = padding = PaddingCount(trainer.data_collator)
-    return PreparedTrainer(trainer, steps, counts, trainable, total, effective, padding)
+    return PreparedTrainer(trainer, steps, counts, trainable, total, effective, padding, watch)
 
 
 def restore_adapter_dtype(model, dtype: torch.dtype) -> None:
@@ -281,26 +347,65 @@ def restore_adapter_dtype(model, dtype: torch.dtype) -> None:
 
 def train(cfg: Config, records: list[dict[str, str]], output_dir: str, *,
           resume_from_checkpoint: str | bool | None = None, adapter_dir: str | None = None,
-          **build_kwargs) -> TrainResult:
-    """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`."""
+          track_to: TrackTarget | None = None, **build_kwargs) -> TrainResult:
+    """Fine-tune LoRA adapters on `records`; checkpoints go to `output_dir`, the adapter to `adapter_dir`.
+
+    A resumed run starts from the checkpoint's rows and best adapter. With `train.keep_best` the exported
+    adapter is the one of the lowest validation loss, else the last step's. `track_to`: the run the trackers
+    in `track:` log to (rank 0 only)."""
+    resume = _resume_path(output_dir, resume_from_checkpoint)
+    trackers = None
+    if track_to and cfg.track and build_kwargs.get("worker", 0) == 0:
+        trackers = Trackers(cfg, track_to, checkpoint_step(resume) if resume else None)
+        build_kwargs["callbacks"] = (*build_kwargs.get("callbacks", ()), trackers)
     prepared = build_trainer(cfg, records, output_dir, **build_kwargs)
+    if resume:
+        prepared.step_log.restore_from(resume)
+        prepared.watch.restore(prepared.step_log.rows)
+        restore_best_adapter(resume, output_dir)
+    else:
+        shutil.rmtree(prepared.watch.folder, ignore_errors=True)  # a failed attempt's, from before any checkpoint
+    if trackers:
+        prepared.step_log.listeners.append(trackers)
     trainer = prepared.trainer
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if trackers:
+            trackers.close("FINISHED" if trainer.state.global_step >= trainer.state.max_steps
+                           or prepared.watch.stopped_at else "FAILED")
     seconds = time.time() - started
     adapter_dir = adapter_dir or os.path.join(output_dir, "adapter")
     check_finite_adapter(trainer.model, int(trainer.state.global_step), cfg.train.learning_rate)
     if trainer.is_world_process_zero():
-        trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
-        trainer.processing_class.save_pretrained(adapter_dir)
+        save_adapter(trainer, prepared.watch, adapter_dir, cfg.train.keep_best)
     result = TrainResult(
         adapter_dir=adapter_dir, log=prepared.step_log.rows, steps=int(trainer.state.global_step), seconds=seconds,
         tokens=int(trainer.state.num_input_tokens_seen), trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, examples=prepared.examples, effective_batch=prepared.effective_batch,
         micro_batch=trainer.args.per_device_train_batch_size, grad_accum=trainer.args.gradient_accumulation_steps,
-        padding_fraction=prepared.padding.fraction,
+        padding_fraction=prepared.padding.fraction, stopped_early_at=prepared.watch.stopped_at,
     )
     del trainer, prepared
     free_memory()
     return result
 
+
+def _resume_path(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """`True` (local mode's "resume if you can") -> the last checkpoint folder in `output_dir`."""
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return resume_from_checkpoint or None
+
+
+def save_adapter(trainer, watch: ValidationWatch, adapter_dir: str, keep_best: bool) -> None:
+    """The adapter to export (PEFT format) with the tokenizer: the best one with `keep_best`, else the last."""
+    if keep_best and os.path.isdir(watch.folder):
+        shutil.copytree(watch.folder, adapter_dir, dirs_exist_ok=True)
+        log.info("exporting the best adapter: validation loss %.4f at step %s", watch.best_loss, watch.best_step)
+    else:
+        trainer.save_model(adapter_dir)  # adapter weights + adapter_config.json only (PEFT format)
+    trainer.processing_class.save_pretrained(adapter_dir)

@@ -29,7 +29,7 @@ def test_local_run_writes_every_output(tiny_run):
     assert PREDICTION_COLUMNS <= set(predictions.column_names)
     assert predictions.num_rows == run.cfg.data.num_eval
     assert len(set(predictions.column("id").to_pylist())) == predictions.num_rows
-    log = pq.read_table(run.path("train_log.parquet")).to_pylist()
+    log = [r for r in pq.read_table(run.path("train_log.parquet")).to_pylist() if r["kind"] == "train"]
     assert [r["step"] for r in log] == sorted({r["step"] for r in log}) and log[-1]["loss"] < log[0]["loss"]
     summary = json.loads(open(run.path("summary.json")).read())
     for key in ("stage_seconds", "train", "summarize", "peak_memory_mb", "versions", "data"):

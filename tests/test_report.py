@@ -18,7 +18,7 @@ from phi2sum import storage
 from phi2sum.errors import Phi2SumError
 from phi2sum.report import ROUGE_LABELS, ROUGE_TYPES, TRAIN_ROWS, load_run, next_steps, write_report
 
-PNGS = ("training_loss.png", "rouge_scores.png", "dataset_analysis.png")
+PNGS = ("training_loss.png", "rouge_scores.png", "comparison.png", "dataset_analysis.png")
 FILES = (*PNGS, "sample_predictions.txt", "all_predictions.csv", "report.md")
 
 
@@ -29,6 +29,12 @@ def copy_run(run_uri: str, dest, *, without: tuple[str, ...] = ()) -> str:
     """A private copy of a run folder (the session's tiny run stays untouched), minus checkpoints and `without`."""
     shutil.copytree(run_uri, dest, ignore=shutil.ignore_patterns("checkpoints", *without))
     return str(dest)
+
+
+def rouge_plot_if_logged(run_uri: str) -> set[str]:
+    """{"rouge_by_step.png"} when the run's train_log has ROUGE-at-checkpoint rows (train.rouge_steps), else {}."""
+    log = storage.read_parquet(storage.join(run_uri, "train_log.parquet")).to_pandas()
+    return {"rouge_by_step.png"} if "kind" in log and (log["kind"] == "rouge").any() else set()
 
 
 def check_png(data: bytes) -> None:
@@ -125,7 +131,7 @@ def test_report_for_tiny_run_local(tiny_run, tmp_path):
     report = write_report(run_uri)
     assert report == storage.join(run_uri, "report")
     names = {u.rsplit("/", 1)[-1] for u in storage.list_files(report)}
-    assert names == set(FILES)
+    assert names == set(FILES) | rouge_plot_if_logged(run_uri)
     read = lambda name: storage.read_bytes(storage.join(report, name))  # noqa: E731
     markdown = read("report.md").decode()
     check_report(read, markdown, run_uri)
@@ -140,14 +146,14 @@ def test_report_for_tiny_run_on_s3(tiny_run, s3_env):
     report = write_report(run_uri)
     assert report == run_uri + "/report"
     names = {u.rsplit("/", 1)[-1] for u in storage.list_files(report)}
-    assert names == set(FILES)
+    assert names == set(FILES) | rouge_plot_if_logged(run_uri)
     read = lambda name: storage.read_bytes(storage.join(report, name))  # noqa: E731
     markdown = read("report.md").decode()
     assert f"`{run_uri}`" in markdown
     check_report(read, markdown, run_uri)
     # a second report replaces the first in place
     assert write_report(run_uri) == report
-    assert {u.rsplit("/", 1)[-1] for u in storage.list_files(report)} == set(FILES)
+    assert {u.rsplit("/", 1)[-1] for u in storage.list_files(report)} == set(FILES) | rouge_plot_if_logged(run_uri)
 
 
 def test_predictions_only_run(tiny_run, tmp_path):
@@ -183,7 +189,7 @@ def test_train_only_run(tiny_run, tmp_path):
                        without=("predictions.parquet", "metrics.json", "baseline"))
     report = write_report(run_uri)
     names = {u.rsplit("/", 1)[-1] for u in storage.list_files(report)}
-    assert names == {"training_loss.png", "report.md"}
+    assert names == {"training_loss.png", "report.md"} | rouge_plot_if_logged(run_uri)
     check_png(storage.read_bytes(storage.join(report, "training_loss.png")))
     markdown = storage.read_text(storage.join(report, "report.md"))
     assert "Missing: fine-tuned predictions" in markdown and "**Not evaluated:**" in markdown

@@ -9,6 +9,9 @@ from phi2sum.config.schema import Config
 from phi2sum.errors import ConfigError
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
 def _check(ok: bool, key: str, value: Any, need: str) -> None:
     if not ok:
         raise ConfigError(f"'{key}' is {value!r}; it must be {need}")
@@ -24,6 +27,15 @@ def validate(cfg: Config) -> None:
            t.batch_size, "an integer >= 1, or auto")
     for key in ("grad_accum", "logging_steps", "save_steps", "save_total_limit"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
+    for key in ("eval_steps", "rouge_steps", "early_stopping_patience"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), ">= 0 (0 = off)")
+    _check(t.rouge_documents >= 1, "train.rouge_documents", t.rouge_documents, ">= 1")
+    _check(d.num_validation >= 1, "data.num_validation", d.num_validation, ">= 1")
+    for key in ("keep_best", "early_stopping_patience"):
+        _check(not getattr(t, key) or t.eval_steps > 0, f"train.{key}", getattr(t, key),
+               "off (false/0) when train.eval_steps=0: both need the validation loss; set train.eval_steps")
+    unknown = [name for name in cfg.track if name not in TRACKERS]
+    _check(not unknown, "track", cfg.track, f"a list of {' and '.join(TRACKERS)} (unknown: {', '.join(unknown)})")
     _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, ">= 0")
     _check(g.num_beams >= 1, "generation.num_beams", g.num_beams, ">= 1")

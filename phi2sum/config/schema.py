@@ -55,6 +55,10 @@ class DataSettings:
     eval_split: str = "test"
     num_train: int | None = 1500  # seeded random subset; null = all
     num_eval: int | None = 150
+    # the in-training validation set (train.eval_steps, train.rouge_steps): this split when the source has it (XSum
+    # and the demo corpus do), else a seeded slice of train held out of training; null = always that slice
+    validation_split: str | None = "validation"
+    num_validation: int = 100
     seed: int = 42
     columns: dict[str, str] = field(
         default_factory=lambda: {"id": "id", "document": "document", "summary": "summary"}
@@ -90,6 +94,15 @@ class TrainSettings:
     save_steps: int = 50  # checkpoint interval (used for resume)
     save_total_limit: int = 2
     seed: int = 42
+    # validation loss on data.num_validation examples every this many steps and at the end (0 = off); logged,
+    # stored in train_log.parquet, plotted beside the training loss
+    eval_steps: int = 50
+    keep_best: bool = False  # export the adapter of the lowest validation loss, not the last step's
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower validation loss (0 = off)
+    # ROUGE-1/2/L of train.rouge_documents validation summaries (generation settings below) every this many steps
+    # and at the end (0 = off); under Ray every worker summarizes its share, so no worker waits long
+    rouge_steps: int = 0
+    rouge_documents: int = 32
 
 
 @dataclass
@@ -149,6 +162,9 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     run: RunSettings = field(default_factory=RunSettings)
     ray: RaySettings = field(default_factory=RaySettings)
+    # experiment trackers fed during training (rank 0): tensorboard (event files in <run>/tensorboard/), mlflow
+    # (MLFLOW_TRACKING_URI, else a sqlite file beside the runs); needs `pip install 'phi2sum[track]'`
+    track: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +190,7 @@ def decisive(cfg: Config, summaries_only: bool = False) -> dict[str, Any]:
     if summaries_only:
         return {"base": d["model"]["base"], "revision": d["model"]["revision"], "adapter": d["model"]["adapter"],
                 "quantization": d["quantization"], "prompt": d["prompt"], "generation": d["generation"]}
+    d.pop("track")
     for where in ("storage", "run", "ray"):
         d.pop(where)
     return d

@@ -8,8 +8,10 @@ little more than its subset; when train and eval come from the same records, eva
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -17,12 +19,15 @@ import pyarrow as pa
 from phi2sum.config import DataSettings
 from phi2sum.data.records import (DataStats, check_unique_ids, column_map, columns_of, mapped_rows, valid_id,
                                   validate_records)
-from phi2sum.data.sources import BAD_ROW, Raw, is_file_source, read_raw, source_files, split_source, splits_of
+from phi2sum import demo
+from phi2sum.data.sources import (BAD_ROW, EMBEDDED_PREFIX, Raw, is_file_source, read_raw, source_files,
+                                  split_source, splits_of)
 from phi2sum.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4096  # rows converted to Python at a time
+MAX_VALIDATION_SHARE = 5  # a validation set sliced from train takes at most 1/5 of its records
 
 
 @dataclass
@@ -89,15 +94,25 @@ def _validated(raw: Raw, order: list[int], mapping: dict[str, str], cfg: DataSet
     return records
 
 
-def _same_records(cfg: DataSettings) -> bool:
-    """Train and eval read the same records (one file, or one folder without split names)."""
+def _same_records(cfg: DataSettings, split_a: str, split_b: str) -> bool:
+    """Two splits read the same records (one file, or one folder without split names)."""
     if not is_file_source(cfg.source):
-        return False
-    train, test = split_source(cfg, cfg.train_split), split_source(cfg, cfg.eval_split)
-    if train != test:
+        return split_a == split_b
+    a, b = split_source(cfg, split_a), split_source(cfg, split_b)
+    if a != b:
         return False
     names = splits_of(cfg)
-    return source_files(train, cfg.train_split, names) == source_files(test, cfg.eval_split, names)
+    return source_files(a, split_a, names) == source_files(b, split_b, names)
+
+
+@dataclass
+class TrainingSplits:
+    """What a training run reads: train, the validation set (None when no in-training evaluation is asked for)
+    and the eval split, pairwise disjoint whenever two of them come from the same records."""
+
+    train: Split
+    validation: Split | None
+    eval: Split
 
 
 def load_train(cfg: DataSettings) -> Split:
@@ -107,6 +122,70 @@ def load_train(cfg: DataSettings) -> Split:
 
 def load_train_eval(cfg: DataSettings) -> tuple[Split, Split]:
     """Train and eval splits; when both read the same records, eval is held out from train (disjoint ids)."""
+    splits = load_training_splits(cfg, with_validation=False)
+    return splits.train, splits.eval
+
+
+def load_training_splits(cfg: DataSettings, with_validation: bool) -> TrainingSplits:
+    """Eval first, then validation, then train, each holding out the ones before it that share its records.
+
+    The validation set is `data.validation_split` when the source has that split, else a seeded slice of the
+    train split (the first `data.num_validation` of its seeded order), so it never overlaps the training examples.
+    """
     eval_split = load_split(cfg, cfg.eval_split, cfg.num_eval)
-    exclude = {r["id"] for r in eval_split.records} if _same_records(cfg) else None
-    return load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=exclude), eval_split
+    held = {r["id"] for r in eval_split.records} if _same_records(cfg, cfg.train_split, cfg.eval_split) else set()
+    validation = None
+    if with_validation:
+        validation = _load_validation(cfg, eval_split)
+        held |= {r["id"] for r in validation.records} if validation else set()
+    train = load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=held or None)
+    return TrainingSplits(train, validation, eval_split)
+
+
+def _load_validation(cfg: DataSettings, eval_split: Split) -> Split | None:
+    """The validation split when the source has one that is not the training records, else a slice of train."""
+    split = cfg.validation_split
+    exclude = {r["id"] for r in eval_split.records}
+    if split and has_split(cfg, split) and not _same_records(cfg, split, cfg.train_split):
+        return load_split(cfg, split, cfg.num_validation,
+                          exclude_ids=exclude if _same_records(cfg, split, cfg.eval_split) else None)
+    return _slice_of_train(cfg, exclude if _same_records(cfg, cfg.train_split, cfg.eval_split) else None)
+
+
+def _slice_of_train(cfg: DataSettings, exclude: set[str] | None) -> Split | None:
+    """The first `data.num_validation` train records in seeded order, at most a fifth of them, so a small
+    dataset keeps most of its records for training; None when there are too few to spare one."""
+    pool = load_split(cfg, cfg.train_split, sys.maxsize, exclude_ids=exclude)  # every record, in seeded order
+    size = min(cfg.num_validation, len(pool.records) // MAX_VALIDATION_SHARE)
+    why = f"the source has no split '{cfg.validation_split}'" if cfg.validation_split else \
+        "data.validation_split is null"
+    if size == 0:
+        log.warning("validation: %s and split '%s' has only %d record(s), too few to hold any out; training "
+                    "without a validation set", why, cfg.train_split, len(pool.records))
+        return None
+    log.info("validation: %s, so %d of the %d records of split '%s' are held out of training for it%s", why, size,
+             len(pool.records), cfg.train_split,
+             f" (a fifth: data.num_validation={cfg.num_validation} would leave too few)"
+             if size < cfg.num_validation else "")
+    stats = dataclasses.replace(pool.stats, kept=size, skipped={}, held_out=0)
+    return Split(pool.records[:size], stats)
+
+
+def has_split(cfg: DataSettings, split: str) -> bool:
+    """Whether the source has records named for `split` (a hub split, a split-named file, a corpus split)."""
+    source = split_source(cfg, split)
+    if source.startswith(EMBEDDED_PREFIX):
+        return split in demo.SPLIT_SIZES
+    if is_file_source(source):
+        try:
+            source_files(source, split, splits_of(cfg))
+        except DataError:
+            return False
+        return True
+    try:
+        read_raw(cfg, split)
+    except DataError as exc:
+        if "unknown split" in str(exc).lower():  # datasets: 'Unknown split "validation". Should be one of [...]'
+            return False
+        raise
+    return True

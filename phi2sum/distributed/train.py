@@ -22,17 +22,18 @@ from typing import Any
 
 from phi2sum import storage
 from phi2sum.config import Config, check_trainer_names, config_from_dict
-from phi2sum.data import load_train
+from phi2sum.data import load_training_splits
 from phi2sum.devices import device_name, peak_memory_mb
 from phi2sum.distributed.cluster import init_ray, use_gpu
 from phi2sum.errors import TrainingError
 from phi2sum.model import resolve_lora_targets
 from phi2sum.run import ADAPTER, Run, finish_summary, open_run, train_section, write_train_log
-from phi2sum.train import StepLog, grad_accum_steps, train
+from phi2sum.tracking import TrackTarget, check_trackers, mlflow_uri
+from phi2sum.train import STEP_LOG_FILE, StepLog, checkpoint_step, grad_accum_steps, train
+from phi2sum.validation import BEST_ADAPTER, kept_adapter, wants_validation
 
 log = logging.getLogger(__name__)
 
-STEP_LOG_FILE = "phi2sum_step_log_rank{rank}.json"
 RESUMES_FILE = "phi2sum_resumed_from.json"  # the steps this run resumed from, across attempts
 WORKER_FILE = "phi2sum_worker_rank{rank}.json"  # training seconds, device, peak memory at the save (the last: the end)
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback's folder inside a Ray checkpoint
@@ -54,7 +55,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # one thread per CPU: oversubscribed OpenMP threads make CPU training crawl
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    records = load_train(cfg.data).records
+    splits = load_training_splits(cfg.data, with_validation=wants_validation(cfg))
 
     scratch = tempfile.mkdtemp(prefix=f"phi2sum-rank{rank}-")
     step_log = StepLog(worker=rank)
@@ -64,19 +65,18 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             resume = os.path.join(scratch, "resume")
             shutil.copytree(os.path.join(folder, HF_CHECKPOINT), resume)
-        step_log.rows = _restore_rows(resume, rank)
         resumed_path = Path(resume, RESUMES_FILE)
         resumed_from = [*(json.loads(resumed_path.read_text()) if resumed_path.is_file() else []),
-                        _checkpoint_step(resume)]
+                        checkpoint_step(resume)]
         log.warning("worker %d resuming from %s (step %s)", rank, checkpoint.path, resumed_from[-1])
 
-    class SaveStepLog(TrainerCallback):
-        """Put this worker's step log in each checkpoint before Ray copies it, so a resume keeps the history."""
+    class SaveWorkerStats(TrainerCallback):
+        """Put the resume history and this worker's stats in each checkpoint before Ray copies it (the step
+        log and the best adapter are put there by `phi2sum.train`)."""
 
         def on_save(self, args, state, control, **kwargs):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                Path(folder, STEP_LOG_FILE.format(rank=rank)).write_text(json.dumps(step_log.rows))
                 Path(folder, RESUMES_FILE).write_text(json.dumps(resumed_from))
                 Path(folder, WORKER_FILE.format(rank=rank)).write_text(json.dumps(
                     {"rank": rank, "train_seconds": step_log.elapsed(), "device": device_name(),
@@ -95,9 +95,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         def on_save(self, args, state, control, **kwargs):
             wait_until_report_taken()
 
-    result = train(cfg, records, os.path.join(scratch, "out"), device=device, world_size=world, worker=rank,
-                   resume_from_checkpoint=resume, step_log=step_log, adapter_dir=os.path.join(scratch, "adapter"),
-                   callbacks=(SaveStepLog(), RayTrainReportCallback(), WaitUntilRegistered()),
+    target = TrackTarget(**loop_config["track_to"], work_dir=scratch)
+    result = train(cfg, splits.train.records, os.path.join(scratch, "out"), device=device, world_size=world,
+                   worker=rank, resume_from_checkpoint=resume, step_log=step_log,
+                   adapter_dir=os.path.join(scratch, "adapter"), track_to=target,
+                   validation=splits.validation.records if splits.validation else None,
+                   callbacks=(SaveWorkerStats(), RayTrainReportCallback(), WaitUntilRegistered()),
                    disable_tqdm=rank != 0, save_only_model=False)
     log.info("worker %d done: %d steps, %d tokens in %.1fs", rank, result.steps, result.tokens, result.seconds)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -117,23 +120,12 @@ def wait_until_report_taken(timeout_s: float = 120.0) -> bool:
     return not pending.unfinished_tasks
 
 
-def _restore_rows(hf_checkpoint: str, rank: int) -> list[dict[str, Any]]:
-    path = Path(hf_checkpoint, STEP_LOG_FILE.format(rank=rank))
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    step = _checkpoint_step(hf_checkpoint)
-    return [r for r in rows if step is None or r["step"] <= step]
-
-
-def _checkpoint_step(hf_checkpoint: str) -> int | None:
-    state = Path(hf_checkpoint, "trainer_state.json")
-    return json.loads(state.read_text())["global_step"] if state.is_file() else None
-
-
 # --- the driver ----------------------------------------------------------------------------------------------
 
 
-def torch_trainer(cfg: Config):
-    """A TorchTrainer whose scaling, storage, checkpointing and retries all come from the config."""
+def torch_trainer(cfg: Config, run: Run):
+    """A TorchTrainer whose scaling, storage, checkpointing and retries all come from the config; the workers'
+    trackers log for `run`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -142,7 +134,8 @@ def torch_trainer(cfg: Config):
     filesystem, path = storage.filesystem(cfg.storage.output)
     return TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "track_to": {
+            "run_uri": run.uri, "run_id": run.run_id, "mlflow_uri": mlflow_uri(cfg) if "mlflow" in cfg.track else None}},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -158,7 +151,10 @@ def torch_trainer(cfg: Config):
 def train_on_ray(cfg: Config) -> Run:
     """Train on the cluster, then export the final adapter and the merged step log into the run folder."""
     check_trainer_names(cfg)
+    check_trackers(cfg)
     resolve_lora_targets(cfg)  # `auto` -> this architecture's layers, before config.yaml is written
+    if not storage.is_s3(cfg.storage.output):  # every worker, and the trackers, must find the same folder
+        cfg.storage.output = os.path.abspath(os.path.expanduser(cfg.storage.output))
     if finished(cfg):
         log.info("run %s already has a trained adapter; nothing to do (use a new run.name to train again)",
                  cfg.run.name)
@@ -166,7 +162,7 @@ def train_on_ray(cfg: Config) -> Run:
     init_ray(cfg)  # before the run folder is claimed: an unreachable cluster leaves nothing behind
     with open_run(cfg) as run:
         started = time.time()
-        result = torch_trainer(cfg).fit()
+        result = torch_trainer(cfg, run).fit()
         seconds = time.time() - started
         if result.checkpoint is None:
             raise TrainingError(f"run {cfg.run.name} finished without a checkpoint; see the Ray job logs")
@@ -194,14 +190,19 @@ class FinalCheckpoint:
     workers: list[dict[str, Any]]
 
 
-def read_final(hf: str, adapter_dir: str) -> FinalCheckpoint:
-    """Read a Ray checkpoint's HF folder and copy its adapter (PEFT format, with the tokenizer) to `adapter_dir`."""
-    rows = [row for f in sorted(Path(hf).glob(STEP_LOG_FILE.format(rank="*"))) for row in json.loads(f.read_text())]
+def read_final(hf: str, adapter_dir: str, keep_best: bool = False) -> FinalCheckpoint:
+    """Read a Ray checkpoint's HF folder and copy its adapter (PEFT format, with the tokenizer) to `adapter_dir`:
+    with `keep_best`, the best validation loss's adapter the checkpoint carries."""
+    rows = [{"kind": "train", **row} for f in sorted(Path(hf).glob(STEP_LOG_FILE.format(rank="*")))
+            for row in json.loads(f.read_text())]
     resumes = Path(hf, RESUMES_FILE)
     os.makedirs(adapter_dir)
+    best = os.path.join(hf, BEST_ADAPTER)
     for name in os.listdir(hf):
-        if name.startswith(ADAPTER_FILES):
+        if name.startswith(ADAPTER_FILES) and not (keep_best and os.path.isdir(best) and name.startswith("adapter_")):
             shutil.copy2(os.path.join(hf, name), adapter_dir)
+    if keep_best and os.path.isdir(best):
+        shutil.copytree(best, adapter_dir, dirs_exist_ok=True)
     return FinalCheckpoint(
         rows=sorted(rows, key=lambda r: (r["worker"], r["step"])),
         state=json.loads(Path(hf, "trainer_state.json").read_text()),
@@ -216,7 +217,7 @@ def export_final(run: Run, checkpoint, fit_seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="phi2sum-export-") as tmp:
         adapter = os.path.join(tmp, "adapter")
         with checkpoint.as_directory() as folder:
-            final = read_final(os.path.join(folder, HF_CHECKPOINT), adapter)
+            final = read_final(os.path.join(folder, HF_CHECKPOINT), adapter, run.cfg.train.keep_best)
         trainable = _adapter_parameters(adapter)
         write_train_log(run, final.rows)
         run.save_adapter(adapter)  # last: its completion marker is what marks training as done
@@ -226,7 +227,8 @@ def export_final(run: Run, checkpoint, fit_seconds: float) -> None:
         seconds=seconds, steps=int(final.state["global_step"]), tokens=int(final.state.get("num_input_tokens_seen", 0)),
         trainable_params=trainable, workers=len({r["worker"] for r in final.rows}) or 1, log_rows=final.rows,
         effective_batch=_effective_batch(cfg, final.workers),
-        fit_seconds=round(fit_seconds, 2), resumed_from_steps=final.resumed_from, backend="ray")
+        fit_seconds=round(fit_seconds, 2), resumed_from_steps=final.resumed_from, backend="ray",
+        kept_adapter=kept_adapter(cfg, final.rows))
     finish_summary(run, fit_seconds, workers=final.workers)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -4,9 +4,12 @@
 train_log.parquet, predictions.parquet + metrics.json, baseline/ -- renders everything in a local temp folder
 and uploads it through :mod:`phi2sum.storage`:
 
-* ``training_loss.png``    loss per step (raw + EMA, one curve per worker) with the learning rate
+* ``training_loss.png``    loss per step (raw + EMA, one curve per worker) with the learning rate, and the
+                           validation loss with its best step when the log has one
+* ``rouge_by_step.png``    ROUGE-1/2/L x100 of validation summaries at each checkpoint (``train.rouge_steps``)
 * ``rouge_scores.png``     ROUGE-1/2/L/Lsum x100 with 95% intervals, baseline, notebook and published marks
 * ``dataset_analysis.png`` document/summary lengths (words, tokens), compression ratio, truncation shares
+* ``comparison.png``       fine-tuned - zero-shot ROUGE per type with its paired bootstrap interval (baseline/)
 * ``sample_predictions.txt``, ``all_predictions.csv``
 * ``report.md``            config, data and training statistics, metrics table, plots, best/worst examples
                            and next steps derived from this run's numbers
@@ -31,10 +34,11 @@ from typing import Any, Callable
 from phi2sum import storage
 from phi2sum.eval.metrics import ROUGE_TYPES
 from phi2sum.report.advice import next_steps
+from phi2sum.report.comparison import RunComparison, baseline_comparison, plot_run_comparison
 from phi2sum.report.files import write_predictions_csv, write_samples
 from phi2sum.report.load import REPORT_DIR, MissingInput, RunArtifacts, load_run, reason
 from phi2sum.report.markdown import TRAIN_ROWS, render_markdown
-from phi2sum.report.plots import plot_dataset, plot_rouge, plot_training_loss
+from phi2sum.report.plots import plot_dataset, plot_rouge, plot_rouge_by_step, plot_training_loss
 from phi2sum.report.published import ROUGE_LABELS
 from phi2sum.report.stats import EvalStats, eval_stats, load_tokenizer_cheaply
 
@@ -53,11 +57,12 @@ def write_report(run_uri: str) -> str:
     art = load_run(run_uri)
     report_uri = storage.join(art.uri, REPORT_DIR)
     stats, tokenizer_note = _eval_stats_if_possible(art)
+    comparison = baseline_comparison(art)
     with tempfile.TemporaryDirectory(prefix="phi2sum-report-") as work:
         tmp = os.path.join(work, REPORT_DIR)
         os.mkdir(tmp)  # mode from the umask (mkdtemp's 0700 would be copied into a local run folder)
-        produced = _write_outputs(art, stats, tmp)
-        markdown = render_markdown(art, stats, produced, tokenizer_note)
+        produced = _write_outputs(art, stats, comparison, tmp)
+        markdown = render_markdown(art, stats, produced, tokenizer_note, comparison)
         with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as handle:
             handle.write(markdown)
         storage.upload_dir(tmp, report_uri)
@@ -78,11 +83,14 @@ def _eval_stats_if_possible(art: RunArtifacts) -> tuple[EvalStats | None, str]:
         return None, tokenizer_note
 
 
-def _write_outputs(art: RunArtifacts, stats: EvalStats | None, folder: str) -> dict[str, str | None]:
+def _write_outputs(art: RunArtifacts, stats: EvalStats | None, comparison: RunComparison,
+                   folder: str) -> dict[str, str | None]:
     """Each plot and text file into ``folder``; maps its name to None (written) or why it is not there."""
     outputs: tuple[tuple[str, Callable[[str], Any]], ...] = (
         ("training_loss.png", lambda p: plot_training_loss(art, p)),
+        ("rouge_by_step.png", lambda p: plot_rouge_by_step(art, p)),
         ("rouge_scores.png", lambda p: plot_rouge(art, p)),
+        ("comparison.png", lambda p: plot_run_comparison(comparison, p)),
         ("dataset_analysis.png", lambda p: plot_dataset(art, stats, p)),
         ("sample_predictions.txt", lambda p: write_samples(art, p)),
         ("all_predictions.csv", lambda p: write_predictions_csv(art, p)),

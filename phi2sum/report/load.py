@@ -35,7 +35,9 @@ class RunArtifacts:
     config: dict[str, Any] | None = None
     cfg: Any = None  # phi2sum.config.Config when config.yaml validates
     run_stats: dict[str, Any] = field(default_factory=dict)  # summary.json: timings, data and memory statistics
-    train_log: pd.DataFrame | None = None
+    train_log: pd.DataFrame | None = None  # the training-loss rows only (kind "train"), one per worker and step
+    eval_log: pd.DataFrame | None = None  # validation-loss rows (kind "eval"): step, epoch, eval_loss
+    rouge_log: pd.DataFrame | None = None  # ROUGE-at-checkpoint rows (kind "rouge"): step, rouge1..., documents
     predictions: pd.DataFrame | None = None
     metrics: dict[str, Any] | None = None
     baseline_predictions: pd.DataFrame | None = None
@@ -93,10 +95,12 @@ def load_run(run_uri: str) -> RunArtifacts:
     if art.cfg is not None and not art.run_stats.get("run_name"):
         art.name = art.cfg.run.name or art.name
     art.name = art.run_stats.get("run_name") or art.name
-    art.train_log = _read_or_note(art, "training", "train_log.parquet", _holds(files, "train_log.parquet"),
-                                  lambda: _read_train_log(uri),
-                                  "`train_log.parquet` is not in the run folder (the run did not train, e.g. it "
-                                  "only summarized): training statistics and the loss plot are missing")
+    logs = _read_or_note(art, "training", "train_log.parquet", _holds(files, "train_log.parquet"),
+                         lambda: _read_train_log(uri),
+                         "`train_log.parquet` is not in the run folder (the run did not train, e.g. it only "
+                         "summarized): training statistics and the loss plot are missing")
+    if logs is not None:
+        art.train_log, art.eval_log, art.rouge_log = logs
     art.predictions, art.metrics = _load_scored(art, files, "", "fine-tuned")
     if _predictions_location(files, BASELINE):  # no baseline is normal: run.baseline=false
         art.baseline_predictions, art.baseline_metrics = _load_scored(art, files, BASELINE, "zero-shot baseline")
@@ -262,13 +266,38 @@ def _read_mapping(uri: str) -> dict[str, Any]:
     return data
 
 
-def _read_train_log(uri: str) -> pd.DataFrame:
+TRACKED_ROUGE = ("rouge1", "rouge2", "rougeL")  # what a ROUGE-at-checkpoint row must have (rougeLsum may be null)
+
+
+def _read_train_log(uri: str) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """(training-loss rows, validation-loss rows or None, ROUGE rows or None): the log mixes the three kinds (its
+    `kind` column), and every training-loss number of the report must come from the training rows alone. A log
+    written before `kind` existed is all training rows."""
     frame = storage.read_parquet(storage.join(uri, "train_log.parquet")).to_pandas()
     for column in ("step", "loss"):
         if column not in frame.columns:
             raise ValueError(f"no '{column}' column")
     if "worker" not in frame.columns:
         frame["worker"] = 0
+    kind = frame["kind"].fillna("train").astype(str) if "kind" in frame.columns else pd.Series("train", frame.index)
+    return (_train_rows(frame[kind == "train"]), _kind_rows(frame[kind == "eval"], ("eval_loss",)),
+            _kind_rows(frame[kind == "rouge"], TRACKED_ROUGE))
+
+
+def _kind_rows(frame: pd.DataFrame, required: tuple[str, ...]) -> pd.DataFrame | None:
+    """Rows with finite `required` values, one per step (the last: a resumed run logs a step again), by step;
+    None when there are none. They come from worker 0 alone, so the first worker's are kept."""
+    if frame.empty or not all(c in frame.columns for c in required):
+        return None
+    frame = frame[np.isfinite(frame[list(required)].astype(float)).all(axis=1)]
+    frame = frame[frame["worker"] == frame["worker"].min()] if not frame.empty else frame
+    if frame.empty:
+        return None
+    frame = frame.drop_duplicates(subset=["step"], keep="last")
+    return frame.sort_values("step").reset_index(drop=True)
+
+
+def _train_rows(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame[np.isfinite(frame["loss"].astype(float))]
     if frame.empty:
         raise ValueError("no logged steps with a finite loss")

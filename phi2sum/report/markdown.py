@@ -13,8 +13,11 @@ import numpy as np
 
 from phi2sum.eval.metrics import ROUGE_TYPES
 from phi2sum.report.advice import next_steps
+from phi2sum.report.comparison import TITLE as COMPARISON_TITLE
+from phi2sum.report.comparison import RunComparison, comparison_lines
 from phi2sum.report.formatting import md_cell, number, percent, shorten, x100
 from phi2sum.report.load import RunArtifacts, lookup, reason
+from phi2sum.report.progress import eval_loss_table, rouge_by_step_table
 from phi2sum.report.published import NOTEBOOK, PUBLISHED, ROUGE_LABELS, on_xsum
 from phi2sum.report.stats import EvalStats, loss_trend, truncation_shares
 
@@ -22,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def render_markdown(art: RunArtifacts, stats: EvalStats | None, produced: dict[str, str | None],
-                    tokenizer_note: str) -> str:
-    """report.md; ``produced`` maps each output file to None (written) or why it is missing."""
+                    tokenizer_note: str, comparison: RunComparison | None = None) -> str:
+    """report.md; ``produced`` maps each output file to None (written) or why it is missing; ``comparison`` is
+    the paired baseline comparison (:func:`~phi2sum.report.comparison.baseline_comparison`)."""
     steps = next_steps(art, stats)
     gaps = dict(art.missing)  # missing inputs; outputs that failed despite their input being there:
     gaps.update({f"`{name}`": why for name, why in produced.items() if why and not why.startswith("missing input")})
@@ -33,9 +37,11 @@ def render_markdown(art: RunArtifacts, stats: EvalStats | None, produced: dict[s
     sections += [
         ("Configuration", lambda: _section_config(art)),
         ("Data", lambda: _section_data(art, stats)),
-        ("Training", lambda: [*_section_training(art),
-                              _image("training_loss.png", "Training loss per step", produced)]),
+        ("Training", lambda: [*_section_training(art), *eval_loss_table(art), *rouge_by_step_table(art),
+                              _image("training_loss.png", "Training and validation loss per step", produced), "",
+                              _image("rouge_by_step.png", "ROUGE per optimizer step", produced)]),
         ("ROUGE", lambda: [*_section_metrics(art), "", _image("rouge_scores.png", "ROUGE scores", produced)]),
+        (COMPARISON_TITLE, lambda: [*comparison_lines(comparison), *_comparison_image(comparison, produced)]),
         ("Dataset analysis", lambda: [_image("dataset_analysis.png", "Dataset analysis", produced)]),
         ("Best and worst examples", lambda: _section_examples(art)),
         ("Next steps", lambda: [f"{i}. {s}" for i, s in enumerate(steps, 1)]),
@@ -103,6 +109,13 @@ def _section_missing(gaps: dict[str, str], notes: list[str], tokenizer_note: str
 def _image(name: str, alt: str, produced: dict[str, str | None]) -> str:
     why = produced.get(name)
     return f"![{alt}]({name})" if why is None and name in produced else f"_`{name}` not produced: {why}._"
+
+
+def _comparison_image(comparison: RunComparison | None, produced: dict[str, str | None]) -> list[str]:
+    """The plot, when there is a comparison to plot (otherwise the text already says why not)."""
+    if comparison is None or comparison.result is None:
+        return []
+    return ["", _image("comparison.png", "Fine-tuned - zero-shot ROUGE with paired 95% intervals", produced)]
 
 
 def _section_config(art: RunArtifacts) -> list[str]:

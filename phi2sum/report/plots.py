@@ -12,7 +12,7 @@ from phi2sum.report.advice import TRUNCATED_SHARE
 from phi2sum.report.formatting import x100
 from phi2sum.report.load import MissingInput, RunArtifacts, lookup
 from phi2sum.report.published import PUBLISHED, ROUGE_LABELS, on_xsum
-from phi2sum.report.stats import EvalStats, ema, truncation_shares
+from phi2sum.report.stats import EvalStats, best_eval, ema, truncation_shares
 
 DPI = 120
 
@@ -44,8 +44,9 @@ def plot_training_loss(art: RunArtifacts, path: str) -> None:
         color = f"C{i % 10}"
         handles += ax.plot(steps, loss, color=color, alpha=0.45, lw=1, marker="o", ms=3.5, label=f"{tag}loss (raw)")
         handles += ax.plot(steps, smooth, color=color, lw=2.4, label=f"{tag}loss (EMA, span {span})")
+    handles += _validation_loss(ax, art.eval_log)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (cross-entropy, nats/token)")
+    ax.set_ylabel("loss (cross-entropy, nats/token)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     reference = frame[frame["worker"] == workers[0]]  # the learning rate and the title follow the first worker
@@ -58,9 +59,53 @@ def plot_training_loss(art: RunArtifacts, path: str) -> None:
         ax2.set_ylim(bottom=0)
     first, final = reference["loss"].iloc[[0, -1]]
     who = f", {len(workers)} workers" if len(workers) > 1 else ""
+    best = best_eval(art.eval_log)
+    best_text = "" if best is None else f"; best validation loss {best['eval_loss']:.3f} at step {int(best['step'])}"
     ax.set_title(f"Training loss per step: run {art.name}\n{int(frame['step'].max())} steps{who}; "
-                 f"loss {first:.3f} (first) -> {final:.3f} (final)")
+                 f"loss {first:.3f} (first) -> {final:.3f} (final){best_text}")
     fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=9, frameon=False)
+    fig.savefig(path, dpi=DPI)
+
+
+def _validation_loss(ax, eval_log) -> list:
+    """The validation loss beside the training loss (black, open diamonds: no worker's colour) and a star on its
+    best step; returns the legend handles (none without validation rows)."""
+    if eval_log is None:
+        return []
+    handles = ax.plot(eval_log["step"], eval_log["eval_loss"].astype(float), color="black", lw=1.8, marker="D",
+                      ms=6, mfc="white", mew=1.5, zorder=4, label="validation loss")
+    best = best_eval(eval_log)
+    handles.append(ax.scatter([best["step"]], [best["eval_loss"]], marker="*", s=260, color="gold",
+                              edgecolors="black", zorder=5,
+                              label=f"best validation loss {best['eval_loss']:.3f} (step {int(best['step'])})"))
+    return handles
+
+
+def plot_rouge_by_step(art: RunArtifacts, path: str) -> None:
+    """ROUGE-1/2/L x100 of the validation summaries at each checkpoint, against the optimizer step."""
+    from matplotlib.ticker import MaxNLocator
+
+    frame = art.rouge_log
+    if frame is None:
+        raise MissingInput(art.missing.get("training") or "train_log.parquet has no ROUGE rows (kind 'rouge'): "
+                                                          "set train.rouge_steps to score checkpoints")
+    fig = _figure(figsize=(9, 5.2))
+    ax = fig.add_subplot()
+    steps = frame["step"].to_numpy()
+    for name, color in (("rouge1", "tab:blue"), ("rouge2", "tab:orange"), ("rougeL", "tab:green")):
+        values = 100 * frame[name].to_numpy(dtype=float)
+        ax.plot(steps, values, color=color, lw=2, marker="o", ms=5, label=ROUGE_LABELS[name])
+        ax.annotate(f"{values[-1]:.2f}", (steps[-1], values[-1]), textcoords="offset points", xytext=(6, 0),
+                    va="center", fontsize=9, color=color)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("ROUGE F1 (x100)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    documents = frame["rouge_documents"].dropna() if "rouge_documents" in frame.columns else None
+    count = f" on {int(documents.iloc[-1])} validation documents" if documents is not None and len(documents) else ""
+    ax.set_title(f"ROUGE at each checkpoint{count}: run {art.name}")
+    ax.legend(loc="lower right", fontsize=9)
     fig.savefig(path, dpi=DPI)
 
 

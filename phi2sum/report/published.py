@@ -5,9 +5,10 @@ They are XSum scores, so only a run scored on XSum is compared with them (see :f
 
 from __future__ import annotations
 
+from phi2sum.eval.metrics import ROUGE_LABELS
 from phi2sum.report.load import RunArtifacts, lookup
 
-ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+__all__ = ["NOTEBOOK", "PUBLISHED", "ROUGE_LABELS", "on_xsum"]
 # Published ROUGE F1 x100 on XSum (no ROUGE-Lsum published for these): (label, scores, colour, line style).
 PUBLISHED = (
     ("Original notebook (Phi-2 + LoRA, 1 epoch)", {"rouge1": 7.13, "rouge2": 0.21, "rougeL": 6.03}, "black", ":"),

@@ -1,5 +1,5 @@
 """Numbers derived from the run's artifacts that more than one part of the report reads: per-document lengths
-of the eval set, the loss trend and the truncation shares."""
+of the eval set, the loss trend, the best validation step and the truncation shares."""
 
 from __future__ import annotations
 
@@ -134,6 +134,13 @@ def loss_trend(train_log: pd.DataFrame) -> dict[str, Any] | None:
     return {"first": float(loss[0]), "final": float(loss[-1]), "smooth_first": float(smooth[0]),
             "smooth_q3": float(smooth[q3]), "smooth_final": float(smooth[-1]), "step_q3": int(steps[q3]),
             "step_final": int(steps[-1]), "points": len(loss)}
+
+
+def best_eval(eval_log: pd.DataFrame | None) -> pd.Series | None:
+    """The validation-loss row with the lowest loss (the earliest of equals: where training could have stopped)."""
+    if eval_log is None or eval_log.empty:
+        return None
+    return eval_log.loc[eval_log["eval_loss"].astype(float).idxmin()]
 
 
 def truncation_shares(art: RunArtifacts, stats: EvalStats | None) -> list[tuple[str, int, int]]:
