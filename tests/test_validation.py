@@ -40,6 +40,10 @@ def test_without_a_validation_split_a_seeded_slice_of_train_is_held_out(tmp_path
     train = {r["id"] for r in splits.train.records}
     assert len(validation) == 8 and all(i.startswith("tr-") for i in validation)
     assert not validation & train and len(train) == 42  # disjoint, and every other train record still trains
+    capped = load_training_splits(DataSettings(source=str(tmp_path), num_train=20, num_eval=5, num_validation=8,
+                                               validation_split=validation_split), with_validation=True)
+    assert {r["id"] for r in capped.validation.records} == validation and len(capped.train.records) == 20
+    assert not {r["id"] for r in capped.train.records} & validation
     assert splits.train.stats.held_out == 8
     again = load_training_splits(cfg, with_validation=True)
     assert {r["id"] for r in again.validation.records} == validation  # seeded: the same slice every time
@@ -65,9 +69,14 @@ def test_validation_from_the_eval_split_is_disjoint_from_the_eval_records(tmp_pa
     assert len(splits.train.records) == 20
 
 
-def test_no_validation_is_read_when_nothing_uses_it():
-    cfg = load_config("tiny-cpu", ["train.eval_steps=0"])
-    assert load_training_splits(cfg.data, with_validation=False).validation is None
+@pytest.mark.parametrize("overrides, wanted", [(["train.eval_steps=0"], False), ([], True),
+                                                (["train.eval_steps=0", "train.rouge_steps=10"], True)])
+def test_validation_is_read_only_when_the_loss_or_rouge_uses_it(overrides, wanted):
+    from phi2sum.validation import wants_validation
+
+    cfg = load_config("tiny-cpu", overrides)
+    assert wants_validation(cfg) is wanted
+    assert (load_training_splits(cfg.data, with_validation=wants_validation(cfg)).validation is not None) is wanted
 
 
 @pytest.mark.parametrize("override, named", [

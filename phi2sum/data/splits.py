@@ -130,62 +130,71 @@ def load_training_splits(cfg: DataSettings, with_validation: bool) -> TrainingSp
     """Eval first, then validation, then train, each holding out the ones before it that share its records.
 
     The validation set is `data.validation_split` when the source has that split, else a seeded slice of the
-    train split (the first `data.num_validation` of its seeded order), so it never overlaps the training examples.
+    train split (the first records of its seeded order), so it never overlaps the training examples.
     """
     eval_split = load_split(cfg, cfg.eval_split, cfg.num_eval)
     held = {r["id"] for r in eval_split.records} if _same_records(cfg, cfg.train_split, cfg.eval_split) else set()
-    validation = None
-    if with_validation:
-        validation = _load_validation(cfg, eval_split)
-        held |= {r["id"] for r in validation.records} if validation else set()
-    train = load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=held or None)
-    return TrainingSplits(train, validation, eval_split)
+    if not with_validation:
+        return TrainingSplits(load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=held or None), None,
+                              eval_split)
+    validation = _own_validation_split(cfg, eval_split)
+    if validation is None:  # one read of train gives both: the slice, then the training subset after it
+        train, validation = _train_and_slice(cfg, held or None)
+        return TrainingSplits(train, validation, eval_split)
+    held |= {r["id"] for r in validation.records}
+    return TrainingSplits(load_split(cfg, cfg.train_split, cfg.num_train, exclude_ids=held or None), validation,
+                          eval_split)
 
 
-def _load_validation(cfg: DataSettings, eval_split: Split) -> Split | None:
-    """The validation split when the source has one that is not the training records, else a slice of train."""
+def _own_validation_split(cfg: DataSettings, eval_split: Split) -> Split | None:
+    """`data.validation_split` read from the source, or None when it has no such split apart from train's records."""
     split = cfg.validation_split
-    exclude = {r["id"] for r in eval_split.records}
-    if split and has_split(cfg, split) and not _same_records(cfg, split, cfg.train_split):
-        return load_split(cfg, split, cfg.num_validation,
-                          exclude_ids=exclude if _same_records(cfg, split, cfg.eval_split) else None)
-    return _slice_of_train(cfg, exclude if _same_records(cfg, cfg.train_split, cfg.eval_split) else None)
+    if not split:
+        return None
+    try:
+        if _same_records(cfg, split, cfg.train_split):
+            return None
+        exclude = {r["id"] for r in eval_split.records} if _same_records(cfg, split, cfg.eval_split) else None
+        return load_split(cfg, split, cfg.num_validation, exclude_ids=exclude)
+    except DataError as exc:
+        if _is_missing_split(cfg, split, exc):
+            return None
+        raise
 
 
-def _slice_of_train(cfg: DataSettings, exclude: set[str] | None) -> Split | None:
-    """The first `data.num_validation` train records in seeded order, at most a fifth of them, so a small
-    dataset keeps most of its records for training; None when there are too few to spare one."""
-    pool = load_split(cfg, cfg.train_split, sys.maxsize, exclude_ids=exclude)  # every record, in seeded order
-    size = min(cfg.num_validation, len(pool.records) // MAX_VALIDATION_SHARE)
+def _is_missing_split(cfg: DataSettings, split: str, exc: DataError) -> bool:
+    """The error says the source has no `split` (not that it is unreadable): for files and the demo corpus by
+    looking, for a hub dataset by the message `datasets` gives ('Unknown split "validation". Should be ...')."""
+    source = split_source(cfg, split)
+    if source.startswith(EMBEDDED_PREFIX):
+        return split not in demo.SPLIT_SIZES
+    if is_file_source(source):
+        try:
+            source_files(source, split, splits_of(cfg))
+        except DataError:
+            return True
+        return False
+    return "unknown split" in str(exc).lower()
+
+
+def _train_and_slice(cfg: DataSettings, exclude: set[str] | None) -> tuple[Split, Split | None]:
+    """The train split's records in seeded order: the first `data.num_validation` are the validation set (at most
+    a fifth of them when the split is smaller than asked for, so a small dataset keeps most of its records for
+    training), the next ones the training subset. None for validation when there are too few records to spare one."""
+    limit = cfg.num_train + cfg.num_validation if cfg.num_train is not None else sys.maxsize
+    pool = load_split(cfg, cfg.train_split, limit, exclude_ids=exclude)
+    short = len(pool.records) < limit  # the split holds fewer records than asked for: keep most for training
+    size = min(cfg.num_validation, len(pool.records) // MAX_VALIDATION_SHARE) if short else cfg.num_validation
     why = f"the source has no split '{cfg.validation_split}'" if cfg.validation_split else \
         "data.validation_split is null"
     if size == 0:
         log.warning("validation: %s and split '%s' has only %d record(s), too few to hold any out; training "
                     "without a validation set", why, cfg.train_split, len(pool.records))
-        return None
-    log.info("validation: %s, so %d of the %d records of split '%s' are held out of training for it%s", why, size,
-             len(pool.records), cfg.train_split,
-             f" (a fifth: data.num_validation={cfg.num_validation} would leave too few)"
-             if size < cfg.num_validation else "")
-    stats = dataclasses.replace(pool.stats, kept=size, skipped={}, held_out=0)
-    return Split(pool.records[:size], stats)
-
-
-def has_split(cfg: DataSettings, split: str) -> bool:
-    """Whether the source has records named for `split` (a hub split, a split-named file, a corpus split)."""
-    source = split_source(cfg, split)
-    if source.startswith(EMBEDDED_PREFIX):
-        return split in demo.SPLIT_SIZES
-    if is_file_source(source):
-        try:
-            source_files(source, split, splits_of(cfg))
-        except DataError:
-            return False
-        return True
-    try:
-        read_raw(cfg, split)
-    except DataError as exc:
-        if "unknown split" in str(exc).lower():  # datasets: 'Unknown split "validation". Should be one of [...]'
-            return False
-        raise
-    return True
+        kept = pool.records[:cfg.num_train] if cfg.num_train is not None else pool.records
+        return Split(kept, dataclasses.replace(pool.stats, kept=len(kept))), None
+    log.info("validation: %s, so %d records of split '%s' are held out of training for it", why, size,
+             cfg.train_split)
+    end = size + cfg.num_train if cfg.num_train is not None else len(pool.records)
+    train = Split(pool.records[size:end], dataclasses.replace(
+        pool.stats, kept=end - size, held_out=pool.stats.held_out + size))
+    return train, Split(pool.records[:size], dataclasses.replace(pool.stats, kept=size, skipped={}, held_out=0))
